@@ -1,0 +1,30 @@
+"""Token Compression Explorer: the library.
+
+Encode an image into ViT patch tokens, then compress them with a strategy.
+Every strategy returns a ``Compression`` (output ``tokens`` [M, C] and
+``assign`` [M, N]).
+
+    >>> from compress import Encoder, merge_bipartite
+    >>> enc = Encoder().encode(image, size=336)       # 576 patch tokens
+    >>> out = merge_bipartite(enc, target=64)
+    >>> out.num_out, out.ratio
+"""
+
+from .encoder import Encoder, device_label, resolve_device
+from .merge import merge_bipartite, merge_threshold
+from .prune import prune_attention
+from .types import Compression, Encoding
+from .weights import BUNDLED_NAME, WeightsUnavailable
+
+__all__ = [
+    "BUNDLED_NAME",
+    "Compression",
+    "Encoder",
+    "Encoding",
+    "WeightsUnavailable",
+    "device_label",
+    "merge_bipartite",
+    "merge_threshold",
+    "prune_attention",
+    "resolve_device",
+]

@@ -1,0 +1,216 @@
+"""The patch encoder: a timm ViT plus preprocessing, producing an ``Encoding``."""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from ._checks import check_choice, check_int
+from .images import grid_for, to_rgb
+from .types import Encoding
+from .weights import (
+    BUNDLED_ARCH,
+    BUNDLED_NAME,
+    BUNDLED_SOURCE,
+    WeightsInfo,
+    WeightsUnavailable,
+    bundled_state_dict,
+    hub_offline,
+    split_random,
+)
+
+
+def resolve_device(device: str | torch.device = "auto") -> torch.device:
+    """``"auto"``: CUDA when present, else MPS where available, else CPU."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ValueError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda'") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' was asked for but no CUDA GPU is available here")
+    return dev
+
+
+def device_label(device: torch.device) -> str:
+    """A human name for the device: the GPU's name, or "CPU"."""
+    if device.type == "cuda":
+        return f"GPU: {torch.cuda.get_device_name(device)}"
+    if device.type == "mps":
+        return "Apple GPU (MPS)"
+    return "CPU"
+
+
+def _create_model(model: str, weights: str):
+    import timm
+
+    name, random_suffix = split_random(model)
+    check_choice("weights", weights, ("pretrained", "random"))
+    want_random = random_suffix or weights == "random"
+    if name == BUNDLED_NAME:
+        net = timm.create_model(BUNDLED_ARCH, pretrained=False, num_classes=0, dynamic_img_size=True)
+        if want_random:
+            return net, WeightsInfo("random", BUNDLED_ARCH), False
+        sd, _ = bundled_state_dict()
+        net.load_state_dict(sd, strict=True)
+        # DINOv2 resamples its position embedding without antialiasing.
+        return net, WeightsInfo("bundled", BUNDLED_SOURCE), False
+    if not timm.list_models(name) and name not in timm.list_models(pretrained=True):
+        raise ValueError(
+            f"unknown model {name!r}: use {BUNDLED_NAME!r} (bundled, works offline) "
+            "or a timm ViT name such as 'vit_base_patch16_clip_224.openai'"
+        )
+    if want_random:
+        net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        return net, WeightsInfo("random", name), True
+    if hub_offline():
+        pass  # timm still finds weights already in the local hub cache
+    try:
+        net = timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
+    except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear message
+        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the model hub could not be reached"
+        raise WeightsUnavailable(
+            f"pretrained weights for {name!r} are not available: {why} ({type(exc).__name__}). "
+            f"The bundled default {BUNDLED_NAME!r} works offline; "
+            f"'{name}:random' gives untrained weights."
+        ) from exc
+    return net, WeightsInfo("hub", name), True
+
+
+class Encoder:
+    """A ViT that turns images into ``Encoding``s.
+
+    ``model``: ``"dinov2-s14"`` (bundled DINOv2 ViT-S/14, offline) or any
+    timm ViT name (pretrained weights from the hub where reachable); append
+    ``":random"`` or pass ``weights="random"`` for untrained weights, which
+    ``weights_info`` then reports. ``device="auto"`` picks CUDA, then MPS,
+    then CPU.
+    """
+
+    def __init__(self, model: str = BUNDLED_NAME, device: str | torch.device = "auto",
+                 weights: str = "pretrained"):
+        if not isinstance(model, str) or not model.strip():
+            raise ValueError(f"model must be a model name, got {model!r}")
+        self.name = model.strip()
+        self.device = resolve_device(device)
+        net, self.weights_info, self._pos_antialias = _create_model(self.name, weights)
+        self._check_supported(net)
+        self.net = net.eval().to(self.device)
+        cfg = getattr(net, "pretrained_cfg", {}) or {}
+        self.mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=self.device)
+        self.std = torch.tensor(cfg.get("std", (0.229, 0.224, 0.225)), device=self.device)
+        self.patch_size = int(net.patch_embed.patch_size[0])
+        self.depth = len(net.blocks)
+        self.num_prefix = int(net.num_prefix_tokens)
+        self.has_cls = getattr(net, "cls_token", None) is not None
+        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+
+    def _check_supported(self, net) -> None:
+        blocks = getattr(net, "blocks", None)
+        attn = getattr(blocks[0], "attn", None) if blocks else None
+        if getattr(net, "patch_embed", None) is None or attn is None or not hasattr(attn, "qkv"):
+            raise ValueError(
+                f"model {self.name!r} is not a plain ViT (patch embedding + blocks with a qkv "
+                "attention); choose a timm VisionTransformer model"
+            )
+        if getattr(net, "pos_embed", None) is None:
+            raise ValueError(f"model {self.name!r} has no absolute position embedding; not supported")
+
+    def __repr__(self) -> str:
+        return f"Encoder({self.name!r}, device={self.device}, weights={self.weights_info.kind})"
+
+    def resolve_layer(self, layer: int) -> int:
+        """``layer`` as a block index in [0, depth); negative counts from the end."""
+        layer = check_int("layer", layer, -self.depth, self.depth - 1)
+        return layer % self.depth
+
+    def preprocess(self, image, size: int = 336, keep_aspect: bool = False):
+        """(resized RGB image, normalised pixels [1, 3, H, W], grid (gh, gw))."""
+        rgb = to_rgb(image)
+        gh, gw = grid_for(rgb.width, rgb.height, size, self.patch_size, keep_aspect)
+        resized = rgb.resize((gw * self.patch_size, gh * self.patch_size), resample=3)  # bicubic
+        arr = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).to(self.device)
+        pixels = (arr / 255.0 - self.mean) / self.std
+        return resized, pixels.permute(2, 0, 1).unsqueeze(0), (gh, gw)
+
+    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Add the position embedding, resampled to this grid, and the prefix tokens."""
+        from timm.layers import resample_abs_pos_embed
+
+        net = self.net
+        b, h, w, c = x.shape
+        pos = self._pos_cache.get((h, w))
+        if pos is None:
+            pos = resample_abs_pos_embed(
+                net.pos_embed, new_size=(h, w), old_size=net.patch_embed.grid_size,
+                num_prefix_tokens=0 if net.no_embed_class else self.num_prefix,
+                antialias=self._pos_antialias,
+            )
+            self._pos_cache[(h, w)] = pos
+        x = x.reshape(b, h * w, c)
+        prefix = [t.expand(b, -1, -1) for t in (net.cls_token, getattr(net, "reg_token", None))
+                  if t is not None]
+        if net.no_embed_class:
+            return torch.cat(prefix + [x + pos], dim=1)
+        return torch.cat(prefix + [x], dim=1) + pos
+
+    @torch.inference_mode()
+    def encode(self, image, size: int = 336, layer: int = -1, keep_aspect: bool = False) -> Encoding:
+        """Encode ``image`` at ``size`` px and read tokens and attention at ``layer``.
+
+        ``tokens`` are the output of block ``layer``; for the last block the
+        model's final norm is applied (timm's ``forward_features``). ``q``/``k``
+        are recomputed exactly from that block's own qkv projection (and q/k
+        norms) on the block's attention input, captured with a forward hook,
+        because timm's fused attention never materialises the attention map.
+        """
+        index = self.resolve_layer(layer)
+        start = time.perf_counter()
+        resized, pixels, grid = self.preprocess(image, size, keep_aspect)
+        net = self.net
+        block = net.blocks[index]
+        captured: dict[str, torch.Tensor] = {}
+        hook = block.attn.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
+        try:
+            x = net.patch_embed(pixels)
+            if x.ndim == 3:  # patch embed without NHWC output: restore the grid
+                x = x.reshape(1, grid[0], grid[1], -1)
+            x = self._pos_embed(x)
+            x = net.norm_pre(x)
+            for blk in net.blocks[: index + 1]:
+                x = blk(x)
+            if index == self.depth - 1:
+                x = net.norm(x)
+        finally:
+            hook.remove()
+        attn = block.attn
+        t = captured["x"].shape[1]
+        heads = attn.num_heads
+        qkv = attn.qkv(captured["x"]).reshape(t, 3, heads, -1).permute(1, 2, 0, 3)
+        q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
+        scale = float(getattr(attn, "scale", q.shape[-1] ** -0.5))
+        p = self.num_prefix
+        x = x[0].float()
+        cls_attn = None
+        if self.has_cls:
+            logits = (q[:, :1].float() * scale) @ k.float().transpose(-1, -2)
+            cls_attn = logits.softmax(-1)[:, 0, p:]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return Encoding(
+            image=resized, grid=grid, patch_size=self.patch_size,
+            tokens=x[p:].contiguous(), prefix=x[:p].contiguous(),
+            q=q.float().contiguous(), k=k.float().contiguous(), cls_attn=cls_attn,
+            device=self.device, encode_ms=(time.perf_counter() - start) * 1e3,
+            model=self.name, layer=index, size=size, weights=self.weights_info.kind, scale=scale,
+        )

@@ -1,0 +1,205 @@
+"""Token merging: adjacent threshold merging and ToMe bipartite soft matching.
+
+Both return a ``Compression`` with hard rows: every patch belongs to exactly
+one output token, and an output token is the (size-weighted) mean of its
+members.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_choice, check_int, check_real
+from .types import Compression, Encoding
+
+
+def grid_edges(grid: tuple[int, int], connectivity: int = 4, device=None) -> torch.Tensor:
+    """Edges between neighbouring patches of a row-major gh x gw grid, [E, 2].
+
+    4-connectivity links right and down neighbours; 8 adds both diagonals.
+    Each undirected edge appears once.
+    """
+    check_choice("connectivity", connectivity, (4, 8))
+    gh, gw = grid
+    idx = torch.arange(gh * gw, device=device).view(gh, gw)
+    pairs = [
+        (idx[:, :-1], idx[:, 1:]),  # right
+        (idx[:-1, :], idx[1:, :]),  # down
+    ]
+    if connectivity == 8:
+        pairs += [(idx[:-1, :-1], idx[1:, 1:]), (idx[:-1, 1:], idx[1:, :-1])]
+    return torch.cat([torch.stack([a.flatten(), b.flatten()], dim=1) for a, b in pairs])
+
+
+def neighbour_similarity(
+    tokens: torch.Tensor, grid: tuple[int, int], connectivity: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cosine similarity of every neighbouring pair: (edges [E, 2], sims [E])."""
+    edges = grid_edges(grid, connectivity, device=tokens.device)
+    unit = F.normalize(tokens.float(), dim=-1)
+    sims = (unit[edges[:, 0]] * unit[edges[:, 1]]).sum(-1).clamp(-1.0, 1.0)
+    return edges, sims
+
+
+def connected_components(num_nodes: int, edges: torch.Tensor) -> torch.Tensor:
+    """Component label per node, [num_nodes], labels 0..K-1 ordered by smallest member.
+
+    Vectorised min-label propagation with pointer jumping: each pass lowers
+    every node's label to the smallest label among its neighbours, then jumps
+    labels to their label's label. Passes repeat until nothing changes.
+    """
+    device = edges.device
+    labels = torch.arange(num_nodes, device=device)
+    if edges.numel() == 0:
+        return labels
+    u, v = edges[:, 0], edges[:, 1]
+    src = torch.cat([u, v])
+    dst = torch.cat([v, u])
+    for _ in range(num_nodes):
+        new = labels.scatter_reduce(0, dst, labels[src], reduce="amin")
+        # The label a node points at can itself point lower: follow the chain.
+        new = new.scatter_reduce(0, labels, new, reduce="amin")
+        while True:
+            jumped = new[new]
+            if torch.equal(jumped, new):
+                break
+            new = jumped
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return torch.unique(labels, return_inverse=True)[1]
+
+
+def _hard_assign(labels: torch.Tensor, num_out: int) -> torch.Tensor:
+    """[M, N] matrix with 1/|cluster| on each member of each cluster."""
+    onehot = F.one_hot(labels, num_out).T.float()
+    return onehot / onehot.sum(dim=1, keepdim=True)
+
+
+def merge_threshold(enc: Encoding, threshold: float, connectivity: int = 4) -> Compression:
+    """Merge adjacent patches whose cosine similarity is at least ``threshold``.
+
+    The seed's rule: build a graph on the patch grid with an edge between two
+    neighbouring patches (4- or 8-connected) when the cosine similarity of
+    their tokens is >= ``threshold``; each connected component becomes one
+    output token, the mean of its members. Merging chains: A~B and B~C put A
+    and C in one cluster even when A and C themselves are dissimilar, so a
+    smooth gradient can merge across a whole region. ``threshold`` > 1 merges
+    nothing; ``threshold`` <= -1 merges each connected grid into one token.
+
+    Returns a ``Compression`` with M = number of clusters, hard ``assign``.
+    """
+    threshold = check_real("threshold", threshold)
+    check_choice("connectivity", connectivity, (4, 8))
+    start = time.perf_counter()
+    edges, sims = neighbour_similarity(enc.tokens, enc.grid, connectivity)
+    keep = edges[sims >= threshold]
+    labels = connected_components(enc.num_patches, keep)
+    num_out = int(labels.max()) + 1
+    assign = _hard_assign(labels, num_out)
+    tokens = assign.to(enc.tokens.dtype) @ enc.tokens
+    return Compression(
+        tokens=tokens,
+        assign=assign,
+        strategy="merge_threshold",
+        params={"threshold": threshold, "connectivity": connectivity},
+        extra={"edge_sims": sims, "edges": edges},
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+    )
+
+
+def bipartite_round(
+    metric: torch.Tensor, members: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One round of ToMe's bipartite soft matching (Bolya et al., ICLR 2023, Alg. 1).
+
+    ``metric`` [T, D] is the matching feature of the current T tokens and
+    ``members`` [T, N] how many of each original patch every token holds
+    (its row sum is the token's size). Tokens are split alternately into A
+    (even positions) and B (odd positions); each A token draws an edge to its
+    most cosine-similar B token; the ``r`` edges with the highest similarity
+    are merged (the A token is folded into its B token, size-weighted).
+
+    Returns the new (metric [T - r, D], members [T - r, N]), ordered as ToMe
+    orders them: the unmerged A tokens, then all B tokens.
+    """
+    t = metric.shape[0]
+    r = min(r, t // 2)
+    if r <= 0:
+        return metric, members
+    unit = F.normalize(metric.float(), dim=-1)
+    scores = unit[0::2] @ unit[1::2].T  # [|A|, |B|]
+    node_max, node_idx = scores.max(dim=-1)
+    order = torch.sort(node_max, descending=True, stable=True).indices
+    src_idx, unm_idx = order[:r], order[r:]
+    dst_idx = node_idx[src_idx]
+
+    size = members.sum(dim=1, keepdim=True)
+    weighted = metric.float() * size  # size-weighted sums merge by addition
+    a_w, b_w = weighted[0::2], weighted[1::2]
+    a_m, b_m = members[0::2], members[1::2]
+    b_w = b_w.index_add(0, dst_idx, a_w[src_idx])
+    b_m = b_m.index_add(0, dst_idx, a_m[src_idx])
+    new_members = torch.cat([a_m[unm_idx], b_m])
+    new_weighted = torch.cat([a_w[unm_idx], b_w])
+    new_metric = new_weighted / new_members.sum(dim=1, keepdim=True)
+    return new_metric, new_members
+
+
+def merge_bipartite(
+    enc: Encoding,
+    target: int | None = None,
+    r: int | None = None,
+    metric: str = "keys",
+) -> Compression:
+    """ToMe bipartite soft matching, repeated until ``target`` tokens remain.
+
+    ``metric="keys"`` matches on the layer's keys averaged over heads (as
+    ToMe does); ``"tokens"`` on the patch tokens. Each round removes
+    ``min(r, T // 2, T - target)`` tokens (``r`` defaults to as many as
+    allowed). With only ``r`` given, exactly one round runs. Output tokens are
+    size-weighted means of the original patch tokens they cover, ordered by
+    their first patch in grid order.
+    """
+    check_choice("metric", metric, ("keys", "tokens"))
+    n = enc.num_patches
+    if target is None and r is None:
+        raise ValueError("merge_bipartite needs a token budget: pass target=M or r=R")
+    if target is not None:
+        target = check_int("target", target, 1, n)
+    if r is not None:
+        r = check_int("r", r, 0, n)
+    start = time.perf_counter()
+    if metric == "keys":
+        feats = enc.k[:, enc.num_prefix:].float().mean(dim=0)
+    else:
+        feats = enc.tokens.float()
+    members = torch.eye(n, device=feats.device)
+    if target is None:
+        feats, members = bipartite_round(feats, members, r)
+        rounds = 1
+    else:
+        rounds = 0
+        while members.shape[0] > target:
+            t = members.shape[0]
+            step = min(t // 2, t - target, r if r else math.inf)
+            if step <= 0:
+                break
+            feats, members = bipartite_round(feats, members, int(step))
+            rounds += 1
+    first = torch.where(members > 0, torch.arange(n, device=members.device), n).amin(dim=1)
+    members = members[torch.argsort(first)]
+    assign = members / members.sum(dim=1, keepdim=True)
+    tokens = assign.to(enc.tokens.dtype) @ enc.tokens
+    return Compression(
+        tokens=tokens,
+        assign=assign,
+        strategy="merge_bipartite",
+        params={"target": target, "r": r, "metric": metric},
+        extra={"rounds": rounds, "sizes": members.sum(dim=1)},
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+    )

@@ -1,0 +1,149 @@
+"""The two data types everything flows through: ``Encoding`` and ``Compression``.
+
+``Encoding`` is one image through one model at one resolution and layer.
+``Compression`` is what every strategy returns: output tokens and ``assign``,
+how each output token draws on the input patches.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from PIL import Image
+
+
+@dataclass(eq=False)
+class Encoding:
+    """Patch tokens of one image, plus what the strategies need to score them.
+
+    Shapes: ``tokens`` [N, C] with N = gh * gw in row-major grid order;
+    ``prefix`` [P, C] (CLS and register tokens, P may be 0);
+    ``q``/``k`` [H, P + N, d] per-head queries and keys of the chosen layer
+    (prefix tokens first); ``cls_attn`` [H, N] CLS-to-patch attention, or
+    ``None`` when the model has no CLS token.
+    """
+
+    image: Image.Image
+    grid: tuple[int, int]
+    patch_size: int
+    tokens: torch.Tensor
+    prefix: torch.Tensor
+    q: torch.Tensor
+    k: torch.Tensor
+    cls_attn: torch.Tensor | None
+    device: torch.device
+    encode_ms: float
+    model: str = ""
+    layer: int = -1
+    size: int = 0
+    weights: str = ""
+    scale: float = 0.0  # the attention scale of the layer (1/sqrt(d) for ViTs)
+    _attn_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+
+    @property
+    def num_patches(self) -> int:
+        return self.tokens.shape[0]
+
+    @property
+    def num_prefix(self) -> int:
+        return self.prefix.shape[0]
+
+    @property
+    def num_heads(self) -> int:
+        return self.q.shape[0]
+
+    @property
+    def dim(self) -> int:
+        return self.tokens.shape[1]
+
+    def attention(self, rows: torch.Tensor | slice | None = None) -> torch.Tensor:
+        """Exact softmax attention of the layer, [H, R, P + N], for query rows ``rows``.
+
+        ``rows`` indexes the P + N tokens (prefix first); ``None`` means all.
+        """
+        q = self.q if rows is None else self.q[:, rows]
+        scale = self.scale or self.q.shape[-1] ** -0.5
+        logits = (q.float() * scale) @ self.k.float().transpose(-1, -2)
+        return logits.softmax(dim=-1)
+
+    def received(self) -> torch.Tensor:
+        """Mean attention each patch receives, per head, [H, N].
+
+        The mean is over every query token (prefix and patches). Computed in
+        chunks of query rows so that N = 4096 stays within memory.
+        """
+        if "received" not in self._attn_cache:
+            total = self.q.shape[1]
+            acc = torch.zeros(self.q.shape[0], total, device=self.q.device)
+            step = 1024
+            for start in range(0, total, step):
+                acc += self.attention(slice(start, start + step)).sum(dim=1)
+            self._attn_cache["received"] = (acc / total)[:, self.num_prefix:]
+        return self._attn_cache["received"]
+
+
+@dataclass(eq=False)
+class Compression:
+    """The result of one strategy on one ``Encoding``.
+
+    ``tokens`` [M, C] are the output tokens; ``assign`` [M, N] is
+    non-negative with rows summing to 1: how each output token draws on the N
+    input patches (hard rows for merging, one-hot rows for pruning, soft rows
+    for the resampler). ``extra`` holds strategy-specific detail (e.g. the
+    resampler's per-layer maps), ``params`` the arguments it was called with.
+    """
+
+    tokens: torch.Tensor
+    assign: torch.Tensor
+    strategy: str
+    params: dict[str, Any] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+    elapsed_ms: float = 0.0
+
+    @property
+    def num_in(self) -> int:
+        """N, the number of input patches."""
+        return self.assign.shape[1]
+
+    @property
+    def num_out(self) -> int:
+        """M, the number of output tokens."""
+        return self.assign.shape[0]
+
+    @property
+    def ratio(self) -> float:
+        """The compression ratio N / M."""
+        return self.num_in / self.num_out
+
+    @property
+    def kind(self) -> str:
+        """``"prune"`` (one-hot rows), ``"merge"`` (hard, disjoint rows) or ``"soft"``."""
+        support = self.assign > 0
+        if bool((support.sum(dim=1) == 1).all()):
+            return "prune"
+        if bool((support.sum(dim=0) <= 1).all()):
+            return "merge"
+        return "soft"
+
+    def labels(self) -> torch.Tensor:
+        """Per-patch label [N]: the output token that draws most on each patch.
+
+        For merging this is the cluster id; for pruning, patches that no output
+        token uses get -1; for soft assignments it is the argmax over outputs.
+        """
+        best, idx = self.assign.max(dim=0)
+        return torch.where(best > 0, idx, torch.full_like(idx, -1))
+
+    def kept_mask(self) -> torch.Tensor:
+        """Bool [N]: patches that at least one output token draws on."""
+        return (self.assign > 0).any(dim=0)
+
+    def kept_indices(self) -> torch.Tensor:
+        """Indices of the kept patches, in grid order."""
+        return self.kept_mask().nonzero().flatten()
+
+    def represented(self, patch_tokens: torch.Tensor) -> torch.Tensor:
+        """What each output stands for in patch-token space: ``assign @ tokens``, [M, C]."""
+        return self.assign.to(patch_tokens.dtype) @ patch_tokens
