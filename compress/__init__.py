@@ -12,7 +12,9 @@ Every strategy returns a ``Compression`` (output ``tokens`` [M, C] and
 
 from .encoder import Encoder, device_label, resolve_device
 from .merge import merge_bipartite, merge_threshold
-from .prune import prune_attention
+from .metrics import attention_mass_kept, fidelity, summary
+from .prune import attention_scores, prune_attention
+from .resample import PerceiverResampler, kmeans, resample
 from .types import Compression, Encoding
 from .weights import BUNDLED_NAME, WeightsUnavailable
 
@@ -21,7 +23,14 @@ __all__ = [
     "Compression",
     "Encoder",
     "Encoding",
+    "PerceiverResampler",
     "WeightsUnavailable",
+    "attention_mass_kept",
+    "attention_scores",
+    "fidelity",
+    "kmeans",
+    "resample",
+    "summary",
     "device_label",
     "merge_bipartite",
     "merge_threshold",

@@ -164,7 +164,7 @@ class Encoder:
             return torch.cat(prefix + [x + pos], dim=1)
         return torch.cat(prefix + [x], dim=1) + pos
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def encode(self, image, size: int = 336, layer: int = -1, keep_aspect: bool = False) -> Encoding:
         """Encode ``image`` at ``size`` px and read tokens and attention at ``layer``.
 

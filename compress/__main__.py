@@ -1,0 +1,65 @@
+"""``python -m compress IMAGE``: encode an image and print what each strategy does to it."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from PIL import Image
+
+from . import (
+    Encoder,
+    device_label,
+    merge_bipartite,
+    merge_threshold,
+    prune_attention,
+    resample,
+    summary,
+)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m compress", description=__doc__)
+    ap.add_argument("image", help="path of an image file")
+    ap.add_argument("--model", default="dinov2-s14", help="bundled 'dinov2-s14' or a timm ViT name")
+    ap.add_argument("--size", type=int, default=336, help="input size in px (336 -> 576 tokens)")
+    ap.add_argument("--layer", type=int, default=-1, help="block to read tokens from")
+    ap.add_argument("--device", default="auto")
+    args = ap.parse_args(argv)
+
+    try:
+        encoder = Encoder(args.model, device=args.device)
+        enc = encoder.encode(Image.open(args.image), size=args.size, layer=args.layer)
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    gh, gw = enc.grid
+    print(f"{args.image}: {encoder.name} [{encoder.weights_info.label}] on "
+          f"{device_label(enc.device)}, {args.size} px -> {gh}x{gw} = {enc.num_patches} patch "
+          f"tokens (+{enc.num_prefix} prefix), layer {enc.layer}, encoded in {enc.encode_ms:.0f} ms")
+    n = enc.num_patches
+    runs = [
+        ("threshold merge, cos >= 0.9 (seed: 20-40% fewer)", lambda: merge_threshold(enc, 0.9)),
+        ("ToMe bipartite, target 288", lambda: merge_bipartite(enc, target=n // 2)),
+        ("ToMe bipartite, target 64", lambda: merge_bipartite(enc, target=64)),
+        ("CLS-attention prune, keep 25% (seed: 2-4x)", lambda: prune_attention(enc, 0.25)),
+        ("CLS-attention prune, keep 50%", lambda: prune_attention(enc, 0.5)),
+        ("Perceiver Resampler, 64 latents, k-means init (untrained)", lambda: resample(enc, 64)),
+        ("Perceiver Resampler, 64 latents, fit 40 steps", lambda: resample(enc, 64, init="fit")),
+    ]
+    header = f"{'strategy':58} {'N':>5} {'M':>5} {'ratio':>7} {'fewer':>6} {'fidelity':>8} " \
+             f"{'attn kept':>9} {'ms':>8}"
+    print(header)
+    print("-" * len(header))
+    for label, run in runs:
+        s = summary(enc, run())
+        kept = "-" if s["attention_mass_kept"] is None else f"{s['attention_mass_kept']:.3f}"
+        print(f"{label:58} {s['N']:>5} {s['M']:>5} {s['ratio']:>6.2f}x "
+              f"{1 - s['M'] / s['N']:>6.0%} {s['fidelity']:>8.4f} {kept:>9} {s['ms']:>8.1f}")
+    print("fidelity: mean cosine of each patch token to the output that represents it best; "
+          "attn kept: share of CLS attention on surviving patches.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

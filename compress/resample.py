@@ -1,0 +1,277 @@
+"""The Perceiver Resampler (Alayrac et al., Flamingo, 2022) and k-means.
+
+L learnable latents cross-attend to the patch tokens. Following Flamingo, the
+keys and values come from the patch tokens concatenated with the latents,
+tokens and latents have their own layer norms, each layer is a residual
+attention followed by a residual feed-forward, and a final norm closes it.
+
+The resampler is untrained here (no vision-language model comes with it), so
+``resample`` offers three starting points, and says which one was used:
+
+- ``"random"``: seeded random latents and weights, as at the start of
+  training. Its maps are noise: they show the mechanism, not a meaning.
+- ``"kmeans"``: latents start at k-means centroids of the (layer-normed)
+  patch tokens, the query and key projections start as the identity and the
+  residual branches (attention output, second feed-forward layer) at zero, so
+  every layer's attention is a softmax over token-to-centroid similarity:
+  the maps mean something without training.
+- ``"fit"``: start from ``"kmeans"``, then a short Adam optimisation of the
+  whole resampler on this image's tokens. Objective (attention-routed
+  reconstruction): every layer-normed patch token x_n is rebuilt from the
+  output latents o_m, each weighted by how much latent m attended to patch n
+  in the last layer (renormalised over m): loss = mean_n ||x_n - sum_m w_mn o_m||^2 / C.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import math
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._checks import check_choice, check_int, check_real
+from .types import Compression, Encoding
+
+INITS = ("random", "kmeans", "fit")
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to [tokens; latents]. Returns (update [M, D], attention [H, M, N + M])."""
+
+    def __init__(self, dim: int, heads: int, dim_head: int):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.scale = dim_head**-0.5
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.norm_media(x)
+        lat = self.norm_latents(latents)
+        h = self.heads
+        q = self.to_q(lat).view(lat.shape[0], h, -1).transpose(0, 1)  # [H, M, d]
+        k, v = self.to_kv(torch.cat([x, lat])).chunk(2, dim=-1)
+        k = k.view(k.shape[0], h, -1).transpose(0, 1)  # [H, N + M, d]
+        v = v.view(v.shape[0], h, -1).transpose(0, 1)
+        attn = ((q * self.scale) @ k.transpose(-1, -2)).softmax(dim=-1)
+        out = (attn @ v).transpose(0, 1).reshape(lat.shape[0], -1)
+        return self.to_out(out), attn
+
+
+class FeedForward(nn.Sequential):
+    def __init__(self, dim: int, mult: int = 4):
+        super().__init__(
+            nn.LayerNorm(dim),
+            nn.Linear(dim, dim * mult, bias=False),
+            nn.GELU(),
+            nn.Linear(dim * mult, dim, bias=False),
+        )
+
+
+class PerceiverResampler(nn.Module):
+    """Flamingo's Perceiver Resampler for one image's tokens.
+
+    ``forward(tokens [N, D])`` returns (latents [M, D], attentions: one
+    [H, M, N + M] tensor per layer, patch keys first, latent keys last).
+    """
+
+    def __init__(self, dim: int, num_latents: int = 64, depth: int = 2, heads: int = 8,
+                 dim_head: int | None = None, ff_mult: int = 4):
+        super().__init__()
+        if dim_head is None:
+            if dim % heads:
+                raise ValueError(f"dim {dim} is not divisible by heads {heads}; pass dim_head")
+            dim_head = dim // heads
+        self.latents = nn.Parameter(torch.randn(num_latents, dim))
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, heads, dim_head), FeedForward(dim, ff_mult)])
+            for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+
+    def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        latents = self.latents
+        maps = []
+        for attn, ff in self.layers:
+            update, a = attn(tokens, latents)
+            latents = latents + update
+            latents = latents + ff(latents)
+            maps.append(a)
+        return self.norm(latents), maps
+
+    @torch.no_grad()
+    def init_from_centroids(self, centroids: torch.Tensor) -> None:
+        """Latents at ``centroids``; identity q/k projections; zero residual branches."""
+        self.latents.copy_(centroids)
+        for attn, ff in self.layers:
+            inner, dim = attn.to_q.weight.shape
+            if inner != dim:
+                raise ValueError("k-means init needs heads * dim_head == dim")
+            eye = torch.eye(dim, device=centroids.device)
+            attn.to_q.weight.copy_(eye)
+            attn.to_kv.weight[:inner].copy_(eye)
+            attn.to_out.weight.zero_()
+            ff[-1].weight.zero_()
+
+
+def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lloyd's k-means on rows of ``x`` [N, D]. Returns (centroids [k, D], labels [N]).
+
+    Seeded initialisation from k distinct points (a random permutation); an
+    emptied cluster is re-seeded at the point farthest from its centroid.
+    With k > N, the extra centroids are copies of points (ties go to the
+    first), so the result is still defined.
+    """
+    n = x.shape[0]
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    perm = torch.randperm(n, generator=gen).to(x.device)
+    if k <= n:
+        centroids = x[perm[:k]].clone()
+    else:
+        extra = torch.randint(n, (k - n,), generator=gen).to(x.device)
+        return x[torch.cat([perm, perm[extra]])].clone(), torch.cdist(x, x[perm]).argmin(dim=1)
+    labels = torch.zeros(n, dtype=torch.long, device=x.device)
+    for _ in range(iters):
+        dist = torch.cdist(x, centroids)
+        labels = dist.argmin(dim=1)
+        counts = torch.bincount(labels, minlength=k)
+        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
+        new = sums / counts.clamp(min=1).unsqueeze(1)
+        empty = counts == 0
+        if bool(empty.any()):
+            far = dist.gather(1, labels[:, None]).squeeze(1).argsort(descending=True)
+            new[empty] = x[far[: int(empty.sum())]]
+        if torch.allclose(new, centroids):
+            centroids = new
+            break
+        centroids = new
+    return centroids, torch.cdist(x, centroids).argmin(dim=1)
+
+
+@functools.lru_cache(maxsize=16)
+def _base_resampler(dim: int, num_latents: int, depth: int, heads: int, seed: int,
+                    structured: bool, device: str) -> PerceiverResampler:
+    """A seeded resampler, built once per configuration and never mutated afterwards.
+
+    PyTorch's default init under ``seed``; with ``structured`` the k-means
+    layout (identity q/k, zero residual branches) is applied on top.
+    Callers run it with their own latents through ``functional_call``, or
+    train a deep copy, so one cached module can serve concurrent requests.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = PerceiverResampler(dim, num_latents, depth, heads)
+    if structured:
+        model.init_from_centroids(model.latents.detach().clone())
+    return model.to(device).requires_grad_(False)
+
+
+def _reconstruction_loss(normed: torch.Tensor, out: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
+    n = normed.shape[0]
+    weights = last.mean(dim=0)[:, :n]  # [M, N]
+    weights = weights / weights.sum(dim=0, keepdim=True).clamp(min=1e-12)
+    recon = weights.T @ out
+    return (normed - recon).pow(2).mean()
+
+
+def resample(
+    enc: Encoding,
+    num_latents: int = 64,
+    depth: int = 2,
+    heads: int = 8,
+    init: str = "kmeans",
+    seed: int = 0,
+    steps: int = 40,
+    lr: float = 1e-3,
+    progress: Callable[[int, int, float], None] | None = None,
+) -> Compression:
+    """Run a Perceiver Resampler with ``num_latents`` latents on the patch tokens.
+
+    Returns a ``Compression`` whose ``tokens`` are the output latents [M, C]
+    and whose ``assign`` is the last layer's attention over the patches
+    (mean over heads, renormalised over patches). ``extra`` holds
+    ``maps`` [depth, H, M, N] (attention over patches, per layer and head),
+    ``latent_mass`` [depth, H, M] (attention that went to latent keys),
+    ``trained`` (True only for ``"fit"``), ``loss`` (per step, for ``"fit"``)
+    and ``latents_init`` (the starting latents). ``progress(step, steps, loss)`` is called
+    after every optimisation step.
+    """
+    num_latents = check_int("num_latents", num_latents, 1)
+    depth = check_int("depth", depth, 1, 12)
+    heads = check_int("heads", heads, 1)
+    check_choice("init", init, INITS)
+    seed = check_int("seed", seed)
+    steps = check_int("steps", steps, 0, 10_000)
+    lr = check_real("lr", lr, 0.0)
+    if enc.dim % heads:
+        raise ValueError(f"heads must divide the token width {enc.dim}, got {heads}")
+    start = time.perf_counter()
+    tokens = enc.tokens.float()
+    base = _base_resampler(enc.dim, num_latents, depth, heads, seed, init != "random",
+                           str(tokens.device))
+    normed = F.layer_norm(tokens, (enc.dim,))
+    latents = base.latents
+    if init in ("kmeans", "fit"):
+        latents, _ = kmeans(normed, num_latents, seed=seed)
+    model = base
+    losses: list[float] = []
+    if init == "fit" and steps:
+        model = copy.deepcopy(base).requires_grad_(True)
+        with torch.no_grad():
+            model.latents.copy_(latents)
+        with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            opt = torch.optim.Adam(model.parameters(), lr=lr)
+            for step in range(steps):
+                out, maps = model(tokens)
+                loss = _reconstruction_loss(normed, out, maps[-1])
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                losses.append(float(loss.detach()))
+                if progress is not None:
+                    progress(step + 1, steps, losses[-1])
+    with torch.no_grad():
+        if model is base:  # run the shared module with this image's latents, without mutating it
+            params = {**dict(base.named_parameters()), "latents": latents}
+            out, maps = torch.func.functional_call(base, params, (tokens,))
+        else:
+            out, maps = model(tokens)
+        final_loss = float(_reconstruction_loss(normed, out, maps[-1]))
+    n = enc.num_patches
+    stacked = torch.stack(maps)  # [depth, H, M, N + M]
+    patch_maps = stacked[..., :n]
+    assign = patch_maps[-1].mean(dim=0)
+    assign = assign / assign.sum(dim=1, keepdim=True).clamp(min=1e-30)
+    return Compression(
+        tokens=out.detach(),
+        assign=assign.detach(),
+        strategy="resample",
+        params={"num_latents": num_latents, "depth": depth, "heads": heads, "init": init,
+                "seed": seed, "steps": steps if init == "fit" else 0},
+        extra={
+            "maps": patch_maps.detach(),
+            "latent_mass": stacked[..., n:].sum(dim=-1).detach(),
+            "trained": init == "fit",
+            "loss": losses,
+            "final_loss": final_loss,
+            "latents_init": latents.detach(),
+        },
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+    )
+
+
+def attention_entropy(assign: torch.Tensor) -> torch.Tensor:
+    """Entropy of each row of ``assign`` [M, N] in nats, normalised to [0, 1] by log N."""
+    p = assign.clamp(min=1e-30)
+    ent = -(p * p.log()).sum(dim=1)
+    return ent / math.log(max(assign.shape[1], 2))
