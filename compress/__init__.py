@@ -14,6 +14,7 @@ from .encoder import Encoder, device_label, resolve_device
 from .merge import merge_bipartite, merge_threshold
 from .metrics import attention_mass_kept, fidelity, summary
 from .prune import attention_scores, prune_attention
+from .registry import STRATEGIES, Strategy, run_at_budget
 from .resample import PerceiverResampler, kmeans, resample
 from .types import Compression, Encoding
 from .weights import BUNDLED_NAME, WeightsUnavailable
@@ -24,6 +25,8 @@ __all__ = [
     "Encoder",
     "Encoding",
     "PerceiverResampler",
+    "STRATEGIES",
+    "Strategy",
     "WeightsUnavailable",
     "attention_mass_kept",
     "attention_scores",
@@ -36,4 +39,5 @@ __all__ = [
     "merge_threshold",
     "prune_attention",
     "resolve_device",
+    "run_at_budget",
 ]

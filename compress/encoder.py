@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import numpy as np
@@ -51,6 +52,22 @@ def device_label(device: torch.device) -> str:
     return "CPU"
 
 
+@contextlib.contextmanager
+def _offline_if_asked():
+    """Honour ``HF_HUB_OFFLINE`` even when it was set after huggingface_hub was imported."""
+    if not hub_offline():
+        yield
+        return
+    from huggingface_hub import constants
+
+    before = constants.HF_HUB_OFFLINE
+    constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        constants.HF_HUB_OFFLINE = before
+
+
 def _create_model(model: str, weights: str):
     import timm
 
@@ -73,10 +90,9 @@ def _create_model(model: str, weights: str):
     if want_random:
         net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
         return net, WeightsInfo("random", name), True
-    if hub_offline():
-        pass  # timm still finds weights already in the local hub cache
     try:
-        net = timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
+        with _offline_if_asked():  # timm still finds weights already in the local hub cache
+            net = timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
     except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear message
         why = "HF_HUB_OFFLINE is set" if hub_offline() else "the model hub could not be reached"
         raise WeightsUnavailable(

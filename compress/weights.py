@@ -85,7 +85,7 @@ def convert_onnx(onnx_path: str | os.PathLike, depth: int = 12) -> dict[str, tor
             consumers.setdefault(name, []).append(node)
 
     def t(a: np.ndarray) -> torch.Tensor:
-        return torch.from_numpy(np.array(a, dtype=np.float32, copy=True))
+        return torch.from_numpy(np.array(a, dtype=np.float32, order="C", copy=True))
 
     # Anonymous MatMul weights, named by the bias their MatMul's output is added to.
     named: dict[str, np.ndarray] = {}

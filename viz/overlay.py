@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import colorsys
 import math
+import weakref
 from functools import lru_cache
 
 import numpy as np
@@ -93,14 +94,42 @@ def _expand(cell_values: np.ndarray, ey: np.ndarray, ex: np.ndarray) -> np.ndarr
     return np.repeat(np.repeat(cell_values, np.diff(ey), axis=0), np.diff(ex), axis=1)
 
 
+def _expand_rgb(cell_rgb: np.ndarray, ey: np.ndarray, ex: np.ndarray) -> Image.Image:
+    """Per-cell colours [gh, gw, 3] uint8 -> an RGB image with one flat block per cell.
+
+    Each colour is packed into one uint32 before ``np.repeat``, which is
+    about 15x faster than repeating three uint8 channels.
+    """
+    gh, gw = cell_rgb.shape[:2]
+    packed = np.zeros((gh, gw, 4), dtype=np.uint8)
+    packed[..., :3] = cell_rgb
+    px = _expand(packed.view(np.uint32)[..., 0], ey, ex)
+    return Image.frombytes("RGB", (px.shape[1], px.shape[0]), px, "raw", "RGBX")
+
+
+_BASE_CACHE: dict[int, tuple[weakref.ref, tuple[int, int], Image.Image]] = {}
+
+
 def _base(image: Image.Image, display: int | None) -> Image.Image:
-    """The image as RGB at its display size (bilinear)."""
-    if image.mode != "RGB":
-        image = image.convert("RGB")
+    """The image as RGB at its display size (bilinear).
+
+    Slider moves redraw the same encoding image at the same size, so the last
+    few resized images are cached, keyed by the identity of the image (held
+    weakly) and the size. Images are treated as immutable, as they are here.
+    """
     size = display_size(image.size, display)
-    if size != image.size:
-        image = image.resize(size, Image.BILINEAR)
-    return image
+    if size == image.size and image.mode == "RGB":
+        return image
+    hit = _BASE_CACHE.get(id(image))
+    if hit is not None and hit[0]() is image and hit[1] == size:
+        return hit[2]
+    out = image if image.mode == "RGB" else image.convert("RGB")
+    if size != out.size:
+        out = out.resize(size, Image.BILINEAR)
+    if len(_BASE_CACHE) >= 8:
+        _BASE_CACHE.pop(next(iter(_BASE_CACHE)))
+    _BASE_CACHE[id(image)] = (weakref.ref(image), size, out)
+    return out
 
 
 def _border_width(ey: np.ndarray, ex: np.ndarray) -> int:
@@ -109,21 +138,74 @@ def _border_width(ey: np.ndarray, ex: np.ndarray) -> int:
     return 2 if smallest >= 16 else 1
 
 
-def _border_mask(label_px: np.ndarray, width: int) -> np.ndarray:
-    """Bool [H, W]: pixels on a boundary where the per-pixel label changes.
+def _lines(
+    cross_x: np.ndarray,
+    cross_y: np.ndarray,
+    ey: np.ndarray,
+    ex: np.ndarray,
+    before: int,
+    after: int,
+) -> np.ndarray:
+    """Bool [H, W]: line pixels along chosen cell boundaries.
 
-    A boundary between pixel x-1 and x marks x (1 px), or x-1 and x (2 px):
-    the line straddles the cell edge. Works both across columns and rows.
+    ``cross_x`` [gh, gw - 1] picks the vertical boundary between cells
+    (i, j) and (i, j + 1); ``cross_y`` [gh - 1, gw] the horizontal one between
+    (i, j) and (i + 1, j). Each picked boundary is drawn ``before`` pixels
+    into the first cell and ``after`` pixels into the second, over the length
+    of the cell. Built per cell row/column and expanded with ``np.repeat``.
     """
-    mask = np.zeros(label_px.shape, dtype=bool)
-    dx = label_px[:, 1:] != label_px[:, :-1]  # True at (y, x) when x+1 starts a new label
-    dy = label_px[1:, :] != label_px[:-1, :]
-    mask[:, 1:] |= dx
-    mask[1:, :] |= dy
-    if width >= 2:
-        mask[:, :-1] |= dx
-        mask[:-1, :] |= dy
+    h, w = int(ey[-1]), int(ex[-1])
+    gh, gw = len(ey) - 1, len(ex) - 1
+    cols = np.zeros((gh, w), dtype=bool)
+    rows = np.zeros((h, gw), dtype=bool)
+    bx, by = ex[1:-1], ey[1:-1]
+    for off in range(-before, after):
+        cx, cy = bx + off, by + off
+        ok_x, ok_y = (cx >= 0) & (cx < w), (cy >= 0) & (cy < h)
+        cols[:, cx[ok_x]] |= cross_x[:, ok_x]
+        rows[cy[ok_y], :] |= cross_y[ok_y, :]
+    return np.repeat(cols, np.diff(ey), axis=0) | np.repeat(rows, np.diff(ex), axis=1)
+
+
+def _label_borders(ids: np.ndarray, ey: np.ndarray, ex: np.ndarray, width: int) -> np.ndarray:
+    """Bool [H, W]: lines where neighbouring cells (left/right, up/down) differ in label.
+
+    1 px lines start the second cell; 2 px lines straddle the boundary. Where
+    lines turn a corner, the ``width`` x ``width`` block at the grid corner is
+    filled too, so outlines are closed.
+    """
+    before, after = width // 2, width - width // 2
+    cross_x = ids[:, 1:] != ids[:, :-1]
+    cross_y = ids[1:, :] != ids[:-1, :]
+    mask = _lines(cross_x, cross_y, ey, ex, before, after)
+    # A grid corner needs its block when the four cells around it are not one label.
+    ci, cj = np.nonzero(cross_x[:-1] | cross_x[1:] | cross_y[:, :-1] | cross_y[:, 1:])
+    if ci.size:
+        h, w = mask.shape
+        for dy in range(-before, after):
+            for dx in range(-before, after):
+                y, x = ey[ci + 1] + dy, ex[cj + 1] + dx
+                ok = (y >= 0) & (y < h) & (x >= 0) & (x < w)
+                mask[y[ok], x[ok]] = True
     return mask
+
+
+def _kept_edges(keep_px: np.ndarray, width: int) -> np.ndarray:
+    """Bool [H, W]: kept pixels within ``width`` px (square neighbourhood) of a pruned one.
+
+    That is a ``width`` px outline on the kept side of every kept/pruned
+    boundary, corners included.
+    """
+    pruned = ~keep_px
+    near = pruned.copy()
+    for d in range(1, width + 1):
+        near[:, :-d] |= pruned[:, d:]
+        near[:, d:] |= pruned[:, :-d]
+    rows = near.copy()
+    for d in range(1, width + 1):
+        near[:-d] |= rows[d:]
+        near[d:] |= rows[:-d]
+    return near & keep_px
 
 
 def palette(n: int) -> np.ndarray:
@@ -213,7 +295,10 @@ def _compact(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return uniq, inv.reshape(-1)
 
 
-def _patch_centre(index: int, gh: int, gw: int, ey: np.ndarray, ex: np.ndarray) -> tuple[float, float]:
+def _patch_centre(
+    index: int, gh: int, gw: int, ey: np.ndarray, ex: np.ndarray
+) -> tuple[float, float]:
+    """Pixel centre (x, y) of patch ``index``."""
     i, j = divmod(int(index), gw)
     if not 0 <= i < gh:
         raise ValueError(f"query patch {index} is outside the {gh} x {gw} grid")
@@ -234,10 +319,9 @@ def _draw_marker(img: Image.Image, cx: float, cy: float, cell: float) -> None:
                       fill=colour, width=width)
 
 
-def _blend(base: np.ndarray, colour: np.ndarray, alpha: float) -> np.ndarray:
-    """uint8 base*(1-alpha) + colour*alpha, via PIL's C blend."""
-    alpha = float(np.clip(alpha, 0.0, 1.0))
-    return np.asarray(Image.blend(Image.fromarray(base), Image.fromarray(colour), alpha))
+def _blend(base: Image.Image, colour: Image.Image, alpha: float) -> Image.Image:
+    """base * (1 - alpha) + colour * alpha, in PIL's C code."""
+    return Image.blend(base, colour, float(np.clip(alpha, 0.0, 1.0)))
 
 
 # ---------------------------------------------------------------- overlays
@@ -286,16 +370,17 @@ def cluster_overlay(
 
 
 def _paint(image, gh, gw, inv, colours, alpha, borders, display, border_color) -> Image.Image:
+    """Cells coloured ``colours[inv]`` blended over the image, plus label borders."""
     base = _base(image, display)
     w, h = base.size
     ey, ex = cell_edges(gh, h), cell_edges(gw, w)
     ids = inv.reshape(gh, gw)
-    label_px = _expand(ids, ey, ex)
-    out = _blend(np.asarray(base), colours[label_px], alpha)
-    if borders:
-        out = out.copy()
-        out[_border_mask(label_px, _border_width(ey, ex))] = border_color
-    return Image.fromarray(out)
+    out = _blend(base, _expand_rgb(colours[ids], ey, ex), alpha)
+    if not borders:
+        return out
+    arr = np.array(out)
+    arr[_label_borders(ids, ey, ex, _border_width(ey, ex))] = border_color
+    return Image.fromarray(arr)
 
 
 def latent_overlay(
@@ -349,11 +434,15 @@ def heatmap_overlay(
     base = _base(image, display)
     w, h = base.size
     if smooth:
-        up = np.asarray(Image.fromarray(v, mode="F").resize((w, h), Image.BILINEAR))
-        colour = _heat_colours(np.clip(up, 0.0, 1.0), cmap)
+        # Interpolate the 8-bit colormap index in PIL, then colour it through a palette.
+        idx = Image.fromarray(np.round(v * 255).astype(np.uint8), mode="L")
+        idx = idx.resize((w, h), Image.BILINEAR)
+        colour = Image.frombytes("P", (w, h), idx.tobytes())
+        colour.putpalette(_lut(cmap).tobytes())
+        colour = colour.convert("RGB")
     else:
-        colour = _expand(_heat_colours(v, cmap), cell_edges(gh, h), cell_edges(gw, w))
-    return Image.fromarray(_blend(np.asarray(base), colour, alpha))
+        colour = _expand_rgb(_heat_colours(v, cmap), cell_edges(gh, h), cell_edges(gw, w))
+    return _blend(base, colour, alpha)
 
 
 def prune_overlay(
@@ -387,19 +476,16 @@ def prune_overlay(
     base = _base(image, display)
     w, h = base.size
     ey, ex = cell_edges(gh, h), cell_edges(gw, w)
-    arr = np.asarray(base)
     if heatmap and scores is not None:
         v = normalise(_flat(scores, gh * gw, "scores")).reshape(gh, gw)
-        arr = _blend(arr, _expand(_heat_colours(v, cmap), ey, ex), 0.5)
+        base = _blend(base, _expand_rgb(_heat_colours(v, cmap), ey, ex), 0.5)
+    # All per-pixel work in PIL's C code: grey mix, dim, then composite by the kept mask.
+    grey = base.convert("L").convert("RGB")
+    dark = Image.blend(base, grey, float(np.clip(desaturate, 0.0, 1.0)))
+    dark = dark.point(_dim_lut(float(dim)))
     keep_px = _expand(keep, ey, ex)
-    pruned = ~keep_px
-    out = arr.copy()
-    if pruned.any():
-        px = arr[pruned].astype(np.float32)
-        lum = px @ np.array([0.299, 0.587, 0.114], dtype=np.float32)
-        grey = px * (1.0 - desaturate) + lum[:, None] * desaturate
-        out[pruned] = np.clip(grey * dim, 0, 255).astype(np.uint8)
-    out[_kept_side_edges(keep_px, _border_width(ey, ex))] = OUTLINE_COLOR
+    out = np.array(Image.composite(base, dark, Image.fromarray(keep_px.view(np.uint8) * 255)))
+    out[_kept_edges(keep_px, _border_width(ey, ex))] = OUTLINE_COLOR
     img = Image.fromarray(out)
     if query is not None:
         cx, cy = _patch_centre(query, gh, gw, ey, ex)
@@ -407,17 +493,10 @@ def prune_overlay(
     return img
 
 
-def _kept_side_edges(keep_px: np.ndarray, width: int) -> np.ndarray:
-    """Bool [H, W]: the ``width`` kept pixels next to each kept/pruned boundary."""
-    h, w = keep_px.shape
-    pruned = ~keep_px
-    near = np.zeros_like(keep_px)
-    for d in range(1, width + 1):
-        near[:, : w - d] |= pruned[:, d:]
-        near[:, d:] |= pruned[:, : w - d]
-        near[: h - d, :] |= pruned[d:, :]
-        near[d:, :] |= pruned[: h - d, :]
-    return near & keep_px
+@lru_cache(maxsize=4)
+def _dim_lut(dim: float) -> list[int]:
+    """A per-band point() table that multiplies every channel by ``dim``."""
+    return [min(255, max(0, round(v * dim))) for v in range(256)] * 3
 
 
 def heatmap_grid(
@@ -518,26 +597,48 @@ def _text_width(f, text: str) -> float:
 # ---------------------------------------------------------------- dispatch
 
 
+def assign_kind(assign) -> str:
+    """``Compression.kind`` computed in numpy from ``assign`` [M, N].
+
+    ``"prune"`` (every row has one non-zero), ``"merge"`` (every column has at
+    most one) or ``"soft"``. The same rule as the library's; done in numpy
+    because a handful of tiny torch ops can stall for tens of milliseconds
+    when torch's thread pool shares a small CPU with another busy process.
+    """
+    support = to_numpy(assign) > 0
+    if bool((support.sum(axis=1) == 1).all()):
+        return "prune"
+    if bool((support.sum(axis=0) <= 1).all()):
+        return "merge"
+    return "soft"
+
+
 def draw_compression(enc, comp, display: int | None = DEFAULT_DISPLAY, **kwargs) -> Image.Image:
     """The natural overlay for a ``Compression`` on its ``Encoding``.
 
-    Dispatch by ``comp.kind``: ``"merge"`` -> ``cluster_overlay`` of
-    ``comp.labels()``; ``"prune"`` -> ``prune_overlay`` of ``comp.kept_mask()``
-    with ``comp.extra["scores"]`` and the query patch from ``comp.params``
-    when present; ``"soft"`` -> ``latent_overlay`` of ``comp.assign``. A merge
-    that merged nothing has one-hot rows and so reads as ``"prune"``; a
-    ``merge*`` strategy is drawn as a merge anyway, so the picture does not
-    change style at the end of a slider. ``kwargs`` go to the overlay.
+    Dispatch by kind (``assign_kind``, equal to ``comp.kind``): ``"merge"``
+    -> ``cluster_overlay`` of the cluster labels; ``"prune"`` ->
+    ``prune_overlay`` of the kept mask, with ``comp.extra["scores"]`` and the
+    query patch from ``comp.params`` when present; ``"soft"`` ->
+    ``latent_overlay`` of ``comp.assign``. A merge that merged nothing has
+    one-hot rows and so reads as ``"prune"``; a ``merge*`` strategy is drawn
+    as a merge anyway, so the picture does not change style at the end of a
+    slider. ``kwargs`` go to the overlay (e.g. ``fill="distinct"``,
+    ``heatmap=True``).
 
     Returns an RGB image whose longest side is ``display``.
     """
-    kind = comp.kind
+    assign = to_numpy(comp.assign)
+    kind = assign_kind(assign)
     if kind == "prune" and str(getattr(comp, "strategy", "")).startswith("merge"):
         kind = "merge"
     if kind == "merge":
-        return cluster_overlay(enc.image, enc.grid, comp.labels(), display=display, **kwargs)
+        # Compression.labels(): the output that draws most on a patch, -1 where none does.
+        labels = np.where(assign.max(axis=0) > 0, assign.argmax(axis=0), -1)
+        return cluster_overlay(enc.image, enc.grid, labels, display=display, **kwargs)
     if kind == "prune":
         kwargs.setdefault("scores", comp.extra.get("scores"))
         kwargs.setdefault("query", comp.params.get("query"))
-        return prune_overlay(enc.image, enc.grid, comp.kept_mask(), display=display, **kwargs)
-    return latent_overlay(enc.image, enc.grid, comp.assign, display=display, **kwargs)
+        kept = (assign > 0).any(axis=0)
+        return prune_overlay(enc.image, enc.grid, kept, display=display, **kwargs)
+    return latent_overlay(enc.image, enc.grid, assign, display=display, **kwargs)

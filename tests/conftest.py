@@ -1,0 +1,44 @@
+"""Shared fixtures: the real bundled encoder (offline) and hand-built encodings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from compress import Encoder, Encoding
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "assets"
+
+
+@pytest.fixture(scope="session")
+def encoder() -> Encoder:
+    """The bundled pretrained DINOv2 ViT-S/14 on the CPU."""
+    return Encoder(device="cpu")
+
+
+@pytest.fixture(scope="session")
+def coffee_enc(encoder) -> Encoding:
+    """coffee.jpg at 336 px: 24 x 24 = 576 patch tokens."""
+    return encoder.encode(Image.open(ASSETS / "coffee.jpg"), size=336)
+
+
+def make_encoding(tokens, grid, keys=None, cls_attn=None, heads: int = 1,
+                  num_prefix: int = 0, queries=None) -> Encoding:
+    """A hand-built Encoding: ``tokens`` [N, C] on a ``grid``; keys default to the tokens."""
+    tokens = torch.as_tensor(tokens, dtype=torch.float32)
+    n, c = tokens.shape
+    k = tokens if keys is None else torch.as_tensor(keys, dtype=torch.float32)
+    prefix = torch.zeros(num_prefix, c)
+    kk = torch.cat([torch.zeros(num_prefix, k.shape[1]), k]).unsqueeze(0).repeat(heads, 1, 1)
+    qq = kk.clone() if queries is None else torch.as_tensor(queries, dtype=torch.float32)
+    if cls_attn is not None:
+        cls_attn = torch.as_tensor(cls_attn, dtype=torch.float32).reshape(-1, n)
+    return Encoding(
+        image=Image.new("RGB", (grid[1] * 14, grid[0] * 14)), grid=tuple(grid), patch_size=14,
+        tokens=tokens, prefix=prefix, q=qq, k=kk, cls_attn=cls_attn,
+        device=torch.device("cpu"), encode_ms=0.0, model="hand-built",
+    )

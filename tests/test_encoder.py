@@ -1,0 +1,247 @@
+"""The encoder: shapes, exact attention, layers, image modes, models and devices."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ASSETS
+from PIL import Image
+
+from compress import Encoder, WeightsUnavailable, merge_bipartite, prune_attention
+from compress.images import grid_for, to_rgb
+
+
+def test_bundled_model_at_336_gives_576_tokens(coffee_enc, encoder):
+    assert encoder.weights_info.kind == "bundled"
+    assert coffee_enc.grid == (24, 24) and coffee_enc.num_patches == 576
+    assert coffee_enc.tokens.shape == (576, 384)
+    assert coffee_enc.prefix.shape == (1, 384)  # CLS, no registers
+    assert coffee_enc.q.shape == coffee_enc.k.shape == (6, 577, 64)
+    assert coffee_enc.cls_attn.shape == (6, 576)
+    assert coffee_enc.image.size == (336, 336)
+    assert coffee_enc.layer == 11 and coffee_enc.encode_ms > 0
+
+
+@pytest.mark.parametrize("layer", [3, -1])
+def test_attention_is_exactly_the_models_own(encoder, layer):
+    """Our recomputed attention equals timm's explicit (non-fused) attention map."""
+    image = Image.open(ASSETS / "chelsea.jpg")
+    enc = encoder.encode(image, size=224, layer=layer)
+    attn_mod = encoder.net.blocks[enc.layer].attn
+    captured = {}
+    handle = attn_mod.attn_drop.register_forward_hook(lambda m, a, out: captured.setdefault("a", out))
+    fused = attn_mod.fused_attn
+    attn_mod.fused_attn = False
+    try:
+        again = encoder.encode(image, size=224, layer=layer)
+    finally:
+        attn_mod.fused_attn = fused
+        handle.remove()
+    ours = enc.attention()
+    assert torch.allclose(ours, captured["a"][0], atol=1e-5)
+    assert torch.allclose(enc.cls_attn, captured["a"][0][:, 0, 1:], atol=1e-5)
+    assert torch.allclose(again.tokens, enc.tokens, atol=1e-4)
+
+
+def test_last_layer_tokens_are_timms_forward_features(encoder):
+    # 518 px is the model's native 37 x 37 grid: no position-embedding resampling involved.
+    image = Image.open(ASSETS / "coffee.jpg")
+    enc = encoder.encode(image, size=518)
+    _, pixels, _ = encoder.preprocess(image, 518)
+    with torch.no_grad():
+        ref = encoder.net.forward_features(pixels)[0]
+    assert torch.allclose(enc.tokens, ref[1:], atol=1e-4)
+    assert torch.allclose(enc.prefix, ref[:1], atol=1e-4)
+
+
+def test_intermediate_layer_tokens(encoder):
+    image = Image.open(ASSETS / "coffee.jpg")
+    enc = encoder.encode(image, size=518, layer=5)
+    _, pixels, _ = encoder.preprocess(image, 518)
+    with torch.no_grad():
+        ref = encoder.net.forward_intermediates(
+            pixels, indices=[5], norm=False, output_fmt="NLC", intermediates_only=True
+        )[0][0]
+    assert torch.allclose(enc.tokens, ref, atol=1e-4)
+    with pytest.raises(ValueError, match="layer"):
+        encoder.encode(image, layer=12)
+
+
+def test_tokens_mean_something(coffee_enc):
+    """Patches of the espresso crema are more alike than crema vs wooden table."""
+    grid = torch.arange(576).view(24, 24)
+    crema = grid[7:11, 9:14].flatten()
+    table = torch.cat([grid[0:4, 19:24].flatten(), grid[19:24, 0:3].flatten()])
+    unit = F.normalize(coffee_enc.tokens, dim=-1)
+    within = (unit[crema] @ unit[crema].T).mean()
+    across = (unit[crema] @ unit[table].T).mean()
+    assert within > across + 0.2
+    # and CLS attention prefers the cup to the table corner
+    cls = coffee_enc.cls_attn.mean(dim=0)
+    assert cls[crema].mean() > cls[table].mean()
+
+
+def test_keep_aspect_grid(encoder):
+    image = Image.open(ASSETS / "coffee.jpg")  # 600 x 400
+    enc = encoder.encode(image, size=336, keep_aspect=True)
+    gh, gw = enc.grid
+    assert gw / gh == pytest.approx(1.5, rel=0.06)
+    assert abs(gh * gw - 576) <= 24
+    assert enc.image.size == (gw * 14, gh * 14)
+    assert grid_for(1, 4000, 336, 14, True) == (576, 1)
+    assert grid_for(4000, 1, 336, 14, True) == (1, 576)
+    assert grid_for(5, 5, 340, 14, False) == (24, 24)
+
+
+def _png_bytes(image: Image.Image, fmt: str = "PNG", **kw) -> Image.Image:
+    buf = io.BytesIO()
+    image.save(buf, fmt, **kw)
+    buf.seek(0)
+    return Image.open(buf)
+
+
+def _modes():
+    base = Image.open(ASSETS / "chelsea.jpg").convert("RGB")
+    rgba = base.convert("RGBA")
+    rgba.putalpha(128)
+    grey16 = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257))
+    return {
+        "RGB": base,
+        "RGBA": rgba,
+        "L": base.convert("L"),
+        "LA": base.convert("LA"),
+        "P": base.convert("P"),
+        "CMYK": _png_bytes(base.convert("CMYK"), "JPEG"),
+        "I;16": _png_bytes(grey16),
+        "1": base.convert("1"),
+    }
+
+
+@pytest.mark.parametrize("mode", list(_modes()))
+def test_every_common_image_mode_encodes(encoder, mode):
+    image = _modes()[mode]
+    rgb = to_rgb(image)
+    assert rgb.mode == "RGB" and rgb.size == (451, 300)
+    enc = encoder.encode(image, size=112)
+    assert enc.tokens.shape == (64, 384) and torch.isfinite(enc.tokens).all()
+
+
+def test_sixteen_bit_grey_keeps_its_range():
+    ramp = np.linspace(0, 65535, 256, dtype=np.uint16).reshape(16, 16)
+    rgb = np.asarray(to_rgb(Image.fromarray(ramp)))
+    assert rgb.min() == 0 and rgb.max() == 255
+
+
+def test_transparency_is_composited_on_white():
+    clear = Image.new("RGBA", (4, 4), (0, 0, 0, 0))
+    assert np.asarray(to_rgb(clear)).min() == 255
+
+
+@pytest.mark.parametrize(
+    "arr",
+    [
+        np.zeros((20, 30), np.uint8),
+        np.zeros((20, 30, 1), np.uint8),
+        np.zeros((20, 30, 3), np.float32),
+        np.full((20, 30, 4), 255, np.uint8),
+        np.zeros((20, 30, 3), np.uint16),
+        np.zeros((20, 30), bool),
+    ],
+)
+def test_numpy_arrays(arr):
+    assert to_rgb(arr).size == (30, 20)
+
+
+@pytest.mark.parametrize("arr", [np.zeros((20, 30, 2)), np.zeros((2, 2, 2, 3)), np.zeros((0, 5))])
+def test_bad_arrays_are_named(arr):
+    with pytest.raises(ValueError, match="image array"):
+        to_rgb(arr)
+
+
+def test_exif_orientation_is_applied():
+    base = Image.open(ASSETS / "coffee.jpg")  # 600 x 400
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees clockwise on display
+    rotated = _png_bytes(base, "JPEG", exif=exif.tobytes())
+    assert rotated.size == (600, 400)
+    assert to_rgb(rotated).size == (400, 600)
+
+
+def test_animated_gif_gives_first_frame():
+    frames = [Image.new("RGB", (8, 8), c) for c in ((255, 0, 0), (0, 0, 255))]
+    buf = io.BytesIO()
+    frames[0].save(buf, "GIF", save_all=True, append_images=frames[1:])
+    buf.seek(0)
+    gif = Image.open(buf)
+    gif.seek(1)
+    rgb = np.asarray(to_rgb(gif))
+    assert rgb[..., 0].mean() > 200 and rgb[..., 2].mean() < 50
+
+
+def test_tiny_and_extreme_images(encoder):
+    assert encoder.encode(Image.new("RGB", (1, 1), "red"), size=336).grid == (24, 24)
+    thin = Image.new("RGB", (4000, 1), "blue")
+    assert encoder.encode(thin, size=112, keep_aspect=True).grid == (1, 64)
+
+
+def test_not_an_image_is_named():
+    with pytest.raises(ValueError, match="PIL image or a numpy array"):
+        to_rgb("cat.jpg")
+
+
+def test_unknown_model_names_the_bundled_default():
+    with pytest.raises(ValueError, match="dinov2-s14"):
+        Encoder("no_such_model_xyz")
+
+
+def test_hub_unreachable_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
+    with pytest.raises(WeightsUnavailable, match="dinov2-s14.*works offline"):
+        Encoder("vit_tiny_patch16_224.augreg_in21k", device="cpu")
+
+
+def test_random_weights_only_on_request_and_labelled():
+    enc = Encoder("vit_tiny_patch16_224:random", device="cpu")
+    assert enc.weights_info.kind == "random" and "RANDOM" in enc.weights_info.label
+    out = enc.encode(Image.open(ASSETS / "coffee.jpg"), size=224)
+    assert out.tokens.shape == (196, 192) and out.weights == "random"
+    assert Encoder("dinov2-s14", device="cpu", weights="random").weights_info.kind == "random"
+
+
+def test_model_with_registers_and_no_cls():
+    # timm's own prefix count is used: DINOv2 with 4 registers has 5 prefix tokens.
+    reg = Encoder("vit_small_patch14_reg4_dinov2:random", device="cpu")
+    enc = reg.encode(Image.open(ASSETS / "coffee.jpg"), size=112)
+    assert enc.prefix.shape[0] == 5 and enc.q.shape[1] == 5 + 64
+    assert prune_attention(enc, 0.5).num_out == 32
+    nocls = Encoder("vit_base_patch16_siglip_224:random", device="cpu")
+    enc = nocls.encode(Image.open(ASSETS / "coffee.jpg"), size=64)
+    assert enc.cls_attn is None and enc.num_prefix == 0
+    assert prune_attention(enc, 0.5, score="received").num_out == 8
+    assert merge_bipartite(enc, target=4).num_out == 4
+
+
+def test_device_auto_is_cpu_without_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no CUDA"):
+        Encoder(device="cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cpu_gpu_parity(coffee_enc):
+    gpu = Encoder(device="cuda")
+    enc = gpu.encode(Image.open(ASSETS / "coffee.jpg"), size=336)
+    assert enc.tokens.is_cuda
+    assert torch.allclose(enc.tokens.cpu(), coffee_enc.tokens, atol=2e-3, rtol=1e-3)
+    a = prune_attention(enc, 0.25).extra["kept"].cpu()
+    b = prune_attention(coffee_enc, 0.25).extra["kept"]
+    assert (a == b).float().mean() > 0.95
+    out = merge_bipartite(enc, target=64)
+    assert out.assign.is_cuda and out.num_out == 64

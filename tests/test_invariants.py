@@ -1,0 +1,60 @@
+"""Invariants every strategy keeps, parametrised over the one strategy list."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from compress import STRATEGIES, fidelity, merge_threshold, run_at_budget, summary
+from compress.registry import threshold_for_budget
+
+NAMES = list(STRATEGIES)
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("budget", [1, 64, 144, 576])
+def test_compression_form(coffee_enc, name, budget):
+    out = run_at_budget(name, coffee_enc, budget)
+    n, c = coffee_enc.tokens.shape
+    m = out.num_out
+    assert out.assign.shape == (m, n) and out.tokens.shape == (m, c)
+    assert (out.assign >= 0).all()
+    assert torch.allclose(out.assign.sum(dim=1), torch.ones(m), atol=1e-5)
+    assert out.tokens.device == coffee_enc.tokens.device
+    assert out.labels().shape == (n,)
+    assert out.ratio == pytest.approx(n / m)
+    if name != "merge_threshold":  # its rule has no budget: closest count is checked below
+        assert m == budget
+    if out.kind in ("merge", "soft"):
+        assert out.kept_mask().all()  # every patch is covered
+    if out.kind == "merge":
+        assert ((out.assign > 0).sum(dim=0) == 1).all()  # each patch in exactly one cluster
+    s = summary(coffee_enc, out)
+    assert 0.0 <= s["fidelity"] <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_deterministic(coffee_enc, name):
+    a = run_at_budget(name, coffee_enc, 50)
+    b = run_at_budget(name, coffee_enc, 50)
+    assert torch.equal(a.assign, b.assign)
+
+
+def test_threshold_budget_search_finds_the_closest_count(coffee_enc):
+    for budget in (5, 58, 200, 500):
+        t = threshold_for_budget(coffee_enc, budget)
+        got = merge_threshold(coffee_enc, t).num_out
+        # no threshold on a fine sweep gets closer
+        sweep = [merge_threshold(coffee_enc, x / 200).num_out for x in range(-200, 203)]
+        assert abs(got - budget) <= min(abs(s - budget) for s in sweep)
+
+
+def test_fidelity_is_one_when_nothing_is_lost(coffee_enc):
+    assert fidelity(coffee_enc, merge_threshold(coffee_enc, 1.01)) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_unknown_strategy_and_budget(coffee_enc):
+    with pytest.raises(ValueError, match="unknown strategy"):
+        run_at_budget("zip", coffee_enc, 10)
+    with pytest.raises(ValueError, match="budget"):
+        run_at_budget("resample", coffee_enc, 0)
