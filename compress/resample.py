@@ -139,21 +139,21 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> tuple[tor
     else:
         extra = torch.randint(n, (k - n,), generator=gen).to(x.device)
         return x[torch.cat([perm, perm[extra]])].clone(), torch.cdist(x, x[perm]).argmin(dim=1)
-    labels = torch.zeros(n, dtype=torch.long, device=x.device)
+    sq = x.pow(2).sum(dim=1, keepdim=True)
     for _ in range(iters):
-        dist = torch.cdist(x, centroids)
+        # squared distances through one matmul: |x|^2 - 2 x.c + |c|^2
+        dist = (sq - 2 * x @ centroids.T + centroids.pow(2).sum(dim=1)).clamp(min=0)
         labels = dist.argmin(dim=1)
         counts = torch.bincount(labels, minlength=k)
-        sums = torch.zeros_like(centroids).index_add_(0, labels, x)
-        new = sums / counts.clamp(min=1).unsqueeze(1)
+        new = torch.zeros_like(centroids).index_add_(0, labels, x) / counts.clamp(min=1)[:, None]
         empty = counts == 0
         if bool(empty.any()):
             far = dist.gather(1, labels[:, None]).squeeze(1).argsort(descending=True)
             new[empty] = x[far[: int(empty.sum())]]
-        if torch.allclose(new, centroids):
-            centroids = new
-            break
+        converged = torch.equal(new, centroids)
         centroids = new
+        if converged:
+            break
     return centroids, torch.cdist(x, centroids).argmin(dim=1)
 
 

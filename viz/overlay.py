@@ -18,9 +18,18 @@ import colorsys
 import math
 import weakref
 from functools import lru_cache
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+if TYPE_CHECKING:  # for annotations only: drawing needs neither at run time
+    import torch
+
+    from compress import Compression, Encoding
+
+Array = Union[np.ndarray, "torch.Tensor"]
+"""Per-patch data: a numpy array or a torch tensor (any device, any float dtype)."""
 
 DEFAULT_DISPLAY = 672
 BORDER_COLOR = (255, 255, 255)
@@ -39,7 +48,7 @@ FONT_PATHS = (
 # ---------------------------------------------------------------- helpers
 
 
-def to_numpy(x) -> np.ndarray:
+def to_numpy(x: Array) -> np.ndarray:
     """A numpy array from a torch tensor (any device, with or without grad) or array-like."""
     if hasattr(x, "detach"):
         x = x.detach().cpu()
@@ -49,7 +58,7 @@ def to_numpy(x) -> np.ndarray:
     return np.asarray(x)
 
 
-def _flat(x, n: int, name: str) -> np.ndarray:
+def _flat(x: Array, n: int, name: str) -> np.ndarray:
     arr = to_numpy(x).reshape(-1)
     if arr.shape[0] != n:
         raise ValueError(f"{name} has {arr.shape[0]} entries but the grid has {n} patches")
@@ -107,7 +116,7 @@ def _expand_rgb(cell_rgb: np.ndarray, ey: np.ndarray, ex: np.ndarray) -> Image.I
     return Image.frombytes("RGB", (px.shape[1], px.shape[0]), px, "raw", "RGBX")
 
 
-_BASE_CACHE: dict[int, tuple[weakref.ref, tuple[int, int], Image.Image]] = {}
+_BASE_CACHE: dict[tuple[int, tuple[int, int]], tuple[weakref.ref, Image.Image]] = {}
 
 
 def _base(image: Image.Image, display: int | None) -> Image.Image:
@@ -120,15 +129,16 @@ def _base(image: Image.Image, display: int | None) -> Image.Image:
     size = display_size(image.size, display)
     if size == image.size and image.mode == "RGB":
         return image
-    hit = _BASE_CACHE.get(id(image))
-    if hit is not None and hit[0]() is image and hit[1] == size:
-        return hit[2]
+    key = (id(image), size)
+    hit = _BASE_CACHE.get(key)
+    if hit is not None and hit[0]() is image:
+        return hit[1]
     out = image if image.mode == "RGB" else image.convert("RGB")
     if size != out.size:
         out = out.resize(size, Image.BILINEAR)
     if len(_BASE_CACHE) >= 8:
         _BASE_CACHE.pop(next(iter(_BASE_CACHE)))
-    _BASE_CACHE[id(image)] = (weakref.ref(image), size, out)
+    _BASE_CACHE[key] = (weakref.ref(image), out)
     return out
 
 
@@ -239,21 +249,21 @@ def _lut(cmap: str) -> np.ndarray:
     return np.round(table * 255).astype(np.uint8)
 
 
-def normalise(values) -> np.ndarray:
+def normalise(values: Array) -> np.ndarray:
     """Min-max normalisation to [0, 1] as float32; constant (or empty) input gives zeros.
 
-    NaN entries count as the minimum.
+    Non-finite entries (NaN, inf) count as the minimum, so they never poison the scale.
     """
-    v = to_numpy(values).astype(np.float32, copy=True)
+    v = to_numpy(values).astype(np.float64, copy=True)  # float64: tiny spreads on big offsets
     if v.size == 0:
-        return v
+        return v.astype(np.float32)
     v[~np.isfinite(v)] = np.nan
     if np.isnan(v).all():
-        return np.zeros_like(v)
+        return np.zeros(v.shape, dtype=np.float32)
     lo, hi = np.nanmin(v), np.nanmax(v)
     v = np.nan_to_num(v, nan=lo)
     if not hi > lo:
-        return np.zeros_like(v)
+        return np.zeros(v.shape, dtype=np.float32)
     return ((v - lo) / (hi - lo)).astype(np.float32)
 
 
@@ -330,7 +340,7 @@ def _blend(base: Image.Image, colour: Image.Image, alpha: float) -> Image.Image:
 def cluster_overlay(
     image: Image.Image,
     grid: tuple[int, int],
-    labels,
+    labels: Array,
     fill: str = "mean",
     alpha: float | None = None,
     borders: bool = True,
@@ -386,7 +396,7 @@ def _paint(image, gh, gw, inv, colours, alpha, borders, display, border_color) -
 def latent_overlay(
     image: Image.Image,
     grid: tuple[int, int],
-    assign,
+    assign: Array,
     display: int | None = DEFAULT_DISPLAY,
     alpha: float = 0.55,
     borders: bool = True,
@@ -414,7 +424,7 @@ def _heat_colours(values: np.ndarray, cmap: str) -> np.ndarray:
 def heatmap_overlay(
     image: Image.Image,
     grid: tuple[int, int],
-    values,
+    values: Array,
     cmap: str = "inferno",
     alpha: float = 0.55,
     display: int | None = DEFAULT_DISPLAY,
@@ -423,7 +433,7 @@ def heatmap_overlay(
     """A per-patch value [N] as a colour map blended over the image.
 
     Values are min-max normalised to [0, 1] (constant input -> all 0, the
-    colormap's low end; NaN counts as the minimum). Blocky by default: every
+    colormap's low end; NaN or inf counts as the minimum). Blocky by default: every
     patch is one flat block of its value's colour, so one block is one token.
     ``smooth=True`` upsamples the value grid bilinearly instead.
 
@@ -448,8 +458,8 @@ def heatmap_overlay(
 def prune_overlay(
     image: Image.Image,
     grid: tuple[int, int],
-    kept_mask,
-    scores=None,
+    kept_mask: Array,
+    scores: Array | None = None,
     heatmap: bool = False,
     query: int | None = None,
     display: int | None = DEFAULT_DISPLAY,
@@ -502,7 +512,7 @@ def _dim_lut(dim: float) -> list[int]:
 def heatmap_grid(
     image: Image.Image,
     grid: tuple[int, int],
-    maps,
+    maps: Array,
     cols: int = 8,
     cell: int = 96,
     labels: bool = True,
@@ -539,11 +549,12 @@ def heatmap_grid(
     tw, th = base.size
     ey, ex = cell_edges(gh, th), cell_edges(gw, tw)
     norm = np.stack([normalise(row) for row in m_all]).reshape(m, gh, gw)
-    colours = _heat_colours(norm, cmap)  # [M, gh, gw, 3]
-    tiles_col = np.repeat(np.repeat(colours, np.diff(ey), axis=1), np.diff(ex), axis=2)
-    base_arr = np.asarray(base, dtype=np.float32)
-    tiles = (base_arr * (1 - alpha) + tiles_col.astype(np.float32) * alpha).round()
-    tiles = tiles.clip(0, 255).astype(np.uint8)
+    # All M tiles as one tall strip: colour blocks over the base image repeated M times.
+    colours = _heat_colours(norm, cmap).reshape(m * gh, gw, 3)
+    strip_ey = np.concatenate([[0], np.cumsum(np.tile(np.diff(ey), m))])
+    strip = _blend(Image.fromarray(np.tile(np.asarray(base), (m, 1, 1))),
+                   _expand_rgb(colours, strip_ey, ex), alpha)
+    tiles = np.asarray(strip).reshape(m, th, tw, 3)
 
     width = cols * tw + (cols + 1) * gap
     banner = 0
@@ -597,7 +608,7 @@ def _text_width(f, text: str) -> float:
 # ---------------------------------------------------------------- dispatch
 
 
-def assign_kind(assign) -> str:
+def assign_kind(assign: Array) -> str:
     """``Compression.kind`` computed in numpy from ``assign`` [M, N].
 
     ``"prune"`` (every row has one non-zero), ``"merge"`` (every column has at
@@ -613,7 +624,9 @@ def assign_kind(assign) -> str:
     return "soft"
 
 
-def draw_compression(enc, comp, display: int | None = DEFAULT_DISPLAY, **kwargs) -> Image.Image:
+def draw_compression(
+    enc: Encoding, comp: Compression, display: int | None = DEFAULT_DISPLAY, **kwargs
+) -> Image.Image:
     """The natural overlay for a ``Compression`` on its ``Encoding``.
 
     Dispatch by kind (``assign_kind``, equal to ``comp.kind``): ``"merge"``

@@ -16,7 +16,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from .overlay import palette, to_numpy
+from .overlay import Array, palette, to_numpy
 
 FIGSIZE = (6.0, 3.2)
 DPI = 100
@@ -57,10 +57,10 @@ def _figure(ncols: int, width: float | None = None) -> tuple[Figure, list]:
 
 @_styled
 def similarity_plot(
-    sims,
+    sims: Array,
     threshold: float,
-    thresholds,
-    tokens_left,
+    thresholds: Array,
+    tokens_left: Array,
     current_tokens: int,
 ) -> Figure:
     """Threshold merging explained, two panels.
@@ -101,13 +101,18 @@ def similarity_plot(
     ax2.plot(t[order], left[order], color=MAIN, linewidth=2)
     ax2.plot([threshold], [current_tokens], "o", color=ACCENT, markersize=9, zorder=3)
     ax2.axvline(threshold, color=ACCENT, linewidth=1, alpha=0.5)
+    # The curve rises to the right: left of the point is free, except near the left edge.
+    span = (t.max() - t.min()) if t.size and t.max() > t.min() else 1.0
+    near_left = t.size and (threshold - t.min()) / span < 0.3
     ax2.annotate(f"{int(current_tokens)} tokens", (threshold, current_tokens),
-                 textcoords="offset points", xytext=(-8, 8), ha="right", color=ACCENT,
+                 textcoords="offset points", xytext=(10, 10) if near_left else (-10, 6),
+                 ha="left" if near_left else "right", color=ACCENT,
                  fontsize=STYLE["axes.labelsize"], fontweight="bold")
     ax2.set_title("tokens left vs threshold")
     ax2.set_xlabel("threshold")
     ax2.set_ylabel("tokens left")
-    ax2.set_ylim(bottom=0)
+    top = max(float(left.max()) if left.size else 0.0, float(current_tokens), 1.0)
+    ax2.set_ylim(0, top * 1.15)  # headroom for the label above the current point
     return fig
 
 
@@ -124,7 +129,7 @@ def _keep_count(keep: float | int, n: int) -> int:
 
 
 @_styled
-def pruning_plot(scores, keep: float | int) -> Figure:
+def pruning_plot(scores: Array, keep: float | int) -> Figure:
     """Attention pruning explained, two panels.
 
     ``scores`` [N] per-patch scores; ``keep`` a keep ratio (float in [0, 1])
@@ -158,22 +163,22 @@ def pruning_plot(scores, keep: float | int) -> Figure:
     ax2.plot([0, 1], [0, 1], color="grey", linestyle="--", linewidth=1, label="uniform")
     kept_mass = float(mass[k - 1])
     ax2.plot([k / n], [kept_mass], "o", color=ACCENT, markersize=9, zorder=3)
-    ax2.annotate(f"{k / n:.0%} of tokens\nkeep {kept_mass:.0%} of score",
-                 (k / n, kept_mass), textcoords="offset points",
-                 xytext=(10, -30) if k / n < 0.6 else (-10, -36),
-                 ha="left" if k / n < 0.6 else "right", color=ACCENT,
-                 fontsize=STYLE["axes.labelsize"], fontweight="bold")
+    # The top-k share is never below k / N, so the triangle under the diagonal is always free.
+    shown = f"{kept_mass:.0%}" if kept_mass < 0.995 or kept_mass == 1 else f"{kept_mass:.1%}"
+    ax2.text(0.97, 0.16, f"{k / n:.0%} of tokens\nkeep {shown} of score",
+             transform=ax2.transAxes, ha="right", va="center", color=ACCENT,
+             fontsize=STYLE["axes.labelsize"], fontweight="bold")
     ax2.set_xlim(0, 1)
     ax2.set_ylim(0, 1.02)
     ax2.set_title("score mass kept")
     ax2.set_xlabel("keep ratio")
     ax2.set_ylabel("share of total score")
-    ax2.legend(loc="lower right", frameon=False)
+    ax2.legend(loc="center right", frameon=False)
     return fig
 
 
 @_styled
-def resampler_plot(assign, loss: list[float] | None = None, trained: bool = False) -> Figure:
+def resampler_plot(assign: Array, loss: list[float] | None = None, trained: bool = False) -> Figure:
     """Perceiver Resampler latents explained.
 
     ``assign`` [M, N] (each latent's attention over the patches). Panel 1:
@@ -200,7 +205,8 @@ def resampler_plot(assign, loss: list[float] | None = None, trained: bool = Fals
     idx = np.arange(m)
 
     ax = axes[0]
-    ax.bar(idx, coverage, color=colours, edgecolor="black", linewidth=0.3)
+    edge = {"edgecolor": "black", "linewidth": 0.3} if m <= 24 else {"linewidth": 0}
+    ax.bar(idx, coverage, color=colours, **edge)
     ax.axhline(n / m, color="grey", linestyle="--", linewidth=1, label=f"even share ({n / m:.0f})")
     ax.set_ylim(0, max(float(coverage.max()), n / m) * 1.3)
     idle = int((coverage == 0).sum())
@@ -210,7 +216,7 @@ def resampler_plot(assign, loss: list[float] | None = None, trained: bool = Fals
     ax.legend(loc="upper right", frameon=False)
 
     ax = axes[1]
-    ax.bar(idx, entropy, color=colours, edgecolor="black", linewidth=0.3)
+    ax.bar(idx, entropy, color=colours, **edge)
     ax.set_ylim(0, 1.05)
     ax.set_title("attention spread")
     ax.set_xlabel("latent")

@@ -1,0 +1,427 @@
+"""Token Compression Explorer: the Gradio app (layout and event wiring only).
+
+Run: ``python app.py [--host 127.0.0.1] [--port 7860] [--device auto] [--share]``.
+Every number comes from ``compress/``, every picture from ``viz/``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+
+import argparse  # noqa: E402
+import tempfile  # noqa: E402
+import threading  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import gradio as gr  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from compress import BUNDLED_NAME, WeightsUnavailable, device_label  # noqa: E402
+from compress.cache import EncodingCache, image_digest, shared_encoder  # noqa: E402
+from viz.panels import (  # noqa: E402
+    Panel,
+    export_json,
+    merge_panel,
+    prune_panel,
+    resampler_panel,
+    resampler_title,
+)
+
+ROOT = Path(__file__).resolve().parent
+ASSETS = ROOT / "assets"
+EXAMPLES = sorted(str(p) for p in ASSETS.glob("*.jpg"))
+DEFAULT_IMAGE = str(ASSETS / "coffee.jpg")
+MODELS = [
+    BUNDLED_NAME,
+    "vit_small_patch14_reg4_dinov2.lvd142m",
+    "vit_base_patch16_clip_224.openai",
+    "vit_base_patch16_siglip_224.webli",
+    "deit_small_patch16_224.fb_in1k",
+    "vit_small_patch16_224:random",
+]
+DEVICE = os.environ.get("TCE_DEVICE", "auto")
+
+TEXT_MERGE = """**What am I looking at?** Each coloured region is one output token: the patches
+inside it were merged into a single token (their mean). *Adjacent threshold* merges neighbouring
+patches whose tokens have cosine similarity at least the threshold; merges chain, so a smooth
+region can become one token. *ToMe* (Bolya et al., 2023) repeatedly pairs alternate tokens with
+their most similar partner and merges the best pairs until the target count remains; its
+clusters need not be connected. Fidelity is how well each patch is still represented (mean
+cosine of a patch to its best output token)."""
+TEXT_PRUNE = """**What am I looking at?** Bright patches are kept, dark ones are dropped. The
+score is the attention the model pays to each patch: from the CLS token (what the model
+summarises the image with), received from all tokens, or from one *query* patch - click the
+image to choose it: the kept set then follows what that patch attends to, which is how
+query-dependent pruning behaves. "Attention kept" is the share of CLS attention on the kept
+patches."""
+TEXT_RESAMPLER = """**What am I looking at?** A Perceiver Resampler (Flamingo, 2022) has L
+learnable latent queries that cross-attend to all patch tokens; each latent becomes one output
+token. Each patch is coloured by the latent that attends to it most; the small maps show every
+latent's attention. No vision-language model is loaded, so the resampler is **untrained**:
+*k-means* starts the latents at token cluster centres (the maps then show clusters), *random*
+shows the raw mechanism, *fit* trains it on this image for a few seconds."""
+
+
+class Session:
+    """Per-browser-session state: a bounded encoding cache and the current encoding."""
+
+    def __init__(self):
+        self.cache = EncodingCache(capacity=4, ttl=1800)
+        self.enc = None
+        self.query: int | None = None
+        self.panels: dict[str, Panel] = {}
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo):
+        # Gradio deep-copies state values; a session is shared by reference, never copied.
+        return self
+
+
+def _status(enc, encoder, cached: bool) -> str:
+    gh, gw = enc.grid
+    how = "cached" if cached else f"encoded in {enc.encode_ms:.0f} ms"
+    weights = encoder.weights_info.label
+    warn = " **(untrained: maps show no learned meaning)**" if encoder.weights_info.kind == "random" else ""
+    return (f"**{device_label(enc.device)}** | {enc.num_patches} tokens ({gh} x {gw} patches of "
+            f"{enc.patch_size} px, +{enc.num_prefix} prefix) | block {enc.layer + 1}/{encoder.depth} | "
+            f"{how}  \n{encoder.name}: {weights}{warn}")
+
+
+def _stats_md(p: Panel, extra: str = "") -> str:
+    s = p.stats
+    kept = s.get("attention_mass_kept")
+    kept_txt = "n/a (no CLS)" if kept is None else f"{kept:.3f}"
+    return (f"### {s['N']} → {s['M']} tokens ({s['ratio']:.2f}x, {1 - s['M'] / s['N']:.0%} fewer)\n"
+            f"fidelity **{s['fidelity']:.4f}** · attention kept **{kept_txt}** · "
+            f"strategy {p.strategy_ms:.1f} ms · drawing {p.draw_ms:.1f} ms{extra}")
+
+
+def _need(session: Session):
+    if session is None or session.enc is None:
+        raise gr.Error("Upload an image (or click a sample photo) first.")
+    return session.enc
+
+
+def _head(value: str):
+    return None if value in (None, "mean") else int(value)
+
+
+# --- handlers: thin calls into viz.panels ---------------------------------------------
+
+
+def do_merge(session, method, threshold, target, fill, with_figure=True):
+    enc = _need(session)
+    p = merge_panel(enc, "tome" if method.startswith("ToMe") else "threshold", float(threshold),
+                    int(target), "distinct" if fill == "distinct colours" else "mean",
+                    with_figure=with_figure)
+    session.panels["merge"] = p
+    out = [p.overlay, _stats_md(p)]
+    return out + [p.figure] if with_figure else out
+
+
+def do_prune(session, score, head, keep, heatmap, with_figure=True):
+    enc = _need(session)
+    key = {"CLS attention": "cls", "attention received": "received", "query (click image)": "query"}
+    p = prune_panel(enc, float(keep), key.get(score, "cls"), _head(head), session.query,
+                    bool(heatmap), with_figure=with_figure)
+    session.panels["prune"] = p
+    extra = ""
+    if key.get(score) == "query":
+        gw = enc.grid[1]
+        q = p.comp.params["query"]
+        extra = f" · query patch (row {q // gw}, col {q % gw})"
+    out = [p.overlay, _stats_md(p, extra)]
+    return out + [p.figure] if with_figure else out
+
+
+def do_resample(session, latents, depth, init, selected, with_figure=True, progress=None):
+    enc = _need(session)
+    run_init = init
+    note = ""
+    if init == "fit" and progress is None:
+        memo = f"resample_{int(latents)}_{int(depth)}_fit_0"
+        if memo not in enc._attn_cache:
+            run_init, note = "kmeans", " · showing k-means init: press **Fit** to train"
+    cb = None
+    if progress is not None:
+        def cb(step, steps, loss):
+            progress((step, steps), desc=f"fitting: loss {loss:.4f}")
+    p = resampler_panel(enc, int(latents), int(depth), run_init, 0, int(selected), progress=cb,
+                        with_figure=with_figure)
+    session.panels["resampler"] = p
+    extra = f" · {resampler_title(p.comp)}" + note
+    if p.comp.extra["loss"]:
+        extra += f" · final loss {p.comp.extra['final_loss']:.4f}"
+    out = [p.overlay, p.extra_images["grid"], p.extra_images["single"], _stats_md(p, extra)]
+    return out + [p.figure] if with_figure else out
+
+
+def do_fit(session, latents, depth, selected, progress=gr.Progress()):
+    return do_resample(session, latents, depth, "fit", selected, True, progress)
+
+
+def do_encode(session, image, model, size, layer, keep_aspect, merge_args, prune_args, res_args):
+    if session is None:
+        session = Session()
+    if image is None:
+        raise gr.Error("No image: upload one or click a sample photo.")
+    model = (model or BUNDLED_NAME).strip()
+    try:
+        encoder = shared_encoder(model, DEVICE)
+    except (WeightsUnavailable, ValueError) as exc:
+        raise gr.Error(str(exc)) from exc
+    layer_index = min(int(layer), encoder.depth) - 1
+    with session.lock:
+        enc, cached = session.cache.get_or_encode(encoder, image, image_digest(image), int(size),
+                                                  layer_index, bool(keep_aspect))
+        if session.enc is None or session.enc.grid != enc.grid:
+            session.query = None
+        session.enc = enc
+    n = enc.num_patches
+    heads = ["mean"] + [str(h) for h in range(enc.num_heads)]
+    merge_out = do_merge(session, *merge_args)
+    prune_out = do_prune(session, *prune_args)
+    res_out = do_resample(session, *res_args)
+    return [
+        session,
+        _status(enc, encoder, cached),
+        gr.update(maximum=encoder.depth, value=min(int(layer), encoder.depth)),
+        gr.update(maximum=n, value=min(int(merge_args[2]), n)),
+        gr.update(choices=heads, value=prune_args[1] if prune_args[1] in heads else "mean"),
+        *merge_out, *prune_out, *res_out,
+    ]
+
+
+def do_click(session, score, head, keep, heatmap, evt: gr.SelectData):
+    enc = _need(session)
+    x, y = evt.index[0], evt.index[1]
+    p = session.panels.get("prune")
+    width, height = p.overlay.size if p is not None else enc.image.size
+    gh, gw = enc.grid
+    col = min(gw - 1, max(0, int(x * gw / width)))
+    row = min(gh - 1, max(0, int(y * gh / height)))
+    session.query = row * gw + col
+    return ["query (click image)", *do_prune(session, "query (click image)", head, keep, heatmap)]
+
+
+def do_query(session, score, head, keep, heatmap, text):
+    enc = _need(session)
+    try:
+        row, col = (int(v) for v in str(text).replace("(", "").replace(")", "").split(","))
+    except ValueError:
+        raise gr.Error(f"query must be 'row, col' (two whole numbers), got {text!r}") from None
+    gh, gw = enc.grid
+    if not (0 <= row < gh and 0 <= col < gw):
+        raise gr.Error(f"query ({row}, {col}) is outside the {gh} x {gw} patch grid")
+    session.query = row * gw + col
+    return ["query (click image)", *do_prune(session, "query (click image)", head, keep, heatmap)]
+
+
+def do_export(session, tab):
+    enc = _need(session)
+    p = session.panels.get(tab)
+    if p is None:
+        raise gr.Error("Nothing to export yet.")
+    folder = Path(tempfile.mkdtemp(prefix="tce-export-"))
+    png = folder / f"{tab}-overlay.png"
+    p.overlay.save(png)
+    js = folder / f"{tab}-result.json"
+    js.write_text(export_json(enc, p.comp, p.stats))
+    return [str(png), str(js)]
+
+
+# --- layout -------------------------------------------------------------------------------
+
+
+def build() -> gr.Blocks:
+    with gr.Blocks(title="Token Compression Explorer", analytics_enabled=False,
+                   delete_cache=(300, 900)) as demo:
+        session = gr.State(Session, time_to_live=1800)
+        gr.Markdown("# Token Compression Explorer\nSee what visual-token compression does to an "
+                    "image: merge, prune or resample ViT patch tokens and watch the result live.")
+        with gr.Row():
+            with gr.Column(scale=1, min_width=320):
+                image = gr.Image(value=DEFAULT_IMAGE, type="pil", label="Image", elem_id="input-image",
+                                 sources=["upload", "clipboard"], height=300, format="jpeg")
+                gr.Examples(EXAMPLES, inputs=[image], label="Sample photos (CC0 / public domain)")
+                model = gr.Dropdown(MODELS, value=BUNDLED_NAME, allow_custom_value=True,
+                                    label="Model (bundled default works offline; others need the hub)",
+                                    elem_id="model")
+                with gr.Row():
+                    size = gr.Slider(112, 672, value=336, step=14, label="Input size (px)",
+                                     elem_id="size")
+                    layer = gr.Slider(1, 12, value=12, step=1, label="Block to read tokens from",
+                                      elem_id="layer")
+                with gr.Row():
+                    llava = gr.Button("LLaVA-1.5: 576 tokens", size="sm", elem_id="llava")
+                    keep_aspect = gr.Checkbox(False, label="Keep aspect ratio", elem_id="keep-aspect")
+                status = gr.Markdown("Encoding the sample photo...", elem_id="encode-status")
+            with gr.Column(scale=2):
+                with gr.Tabs():
+                    with gr.Tab("Token merging", id="merge"):
+                        with gr.Row():
+                            merge_method = gr.Radio(["adjacent threshold", "ToMe bipartite"],
+                                                    value="adjacent threshold", label="Method",
+                                                    elem_id="merge-method")
+                            merge_fill = gr.Radio(["mean colour", "distinct colours"],
+                                                  value="mean colour", label="Fill",
+                                                  elem_id="merge-fill")
+                        with gr.Row():
+                            merge_threshold = gr.Slider(0.0, 1.0, value=0.9, step=0.005,
+                                                        label="Threshold (adjacent)",
+                                                        elem_id="merge-threshold")
+                            merge_target = gr.Slider(1, 576, value=144, step=1,
+                                                     label="Target tokens (ToMe)",
+                                                     elem_id="merge-target")
+                        merge_stats = gr.Markdown(elem_id="merge-stats")
+                        merge_overlay = gr.Image(label="Merged clusters", format="jpeg",
+                                                 interactive=False, elem_id="merge-overlay")
+                        merge_plot = gr.Plot(label="Similarities", elem_id="merge-plot")
+                        gr.Markdown(TEXT_MERGE)
+                        merge_export = gr.Button("Export PNG + JSON", size="sm")
+                        merge_files = gr.File(label="Export", file_count="multiple")
+                    with gr.Tab("Attention pruning", id="prune"):
+                        with gr.Row():
+                            prune_score = gr.Radio(
+                                ["CLS attention", "attention received", "query (click image)"],
+                                value="CLS attention", label="Score", elem_id="prune-score")
+                            prune_head = gr.Dropdown(["mean"], value="mean", label="Head",
+                                                     elem_id="prune-head")
+                            prune_heat = gr.Checkbox(False, label="Score heatmap",
+                                                     elem_id="prune-heatmap")
+                        prune_query = gr.Textbox(label="Query patch (row, col) - or click the image",
+                                                 placeholder="e.g. 12, 8 then Enter", max_lines=1,
+                                                 elem_id="prune-query")
+                        prune_keep = gr.Slider(0.0, 1.0, value=0.25, step=0.01, label="Keep ratio",
+                                               elem_id="prune-keep")
+                        prune_stats = gr.Markdown(elem_id="prune-stats")
+                        prune_overlay = gr.Image(label="Kept patches (click to set the query)",
+                                                 format="jpeg", interactive=False,
+                                                 elem_id="prune-overlay")
+                        prune_plot = gr.Plot(label="Scores", elem_id="prune-plot")
+                        gr.Markdown(TEXT_PRUNE)
+                        prune_export = gr.Button("Export PNG + JSON", size="sm")
+                        prune_files = gr.File(label="Export", file_count="multiple")
+                    with gr.Tab("Perceiver Resampler", id="resampler"):
+                        with gr.Row():
+                            res_latents = gr.Slider(1, 256, value=64, step=1, label="Latents",
+                                                    elem_id="resampler-latents")
+                            res_depth = gr.Slider(1, 6, value=2, step=1, label="Depth",
+                                                  elem_id="resampler-depth")
+                        with gr.Row():
+                            res_init = gr.Radio(["kmeans", "random", "fit"], value="kmeans",
+                                                label="Initialisation", elem_id="resampler-init")
+                            res_fit = gr.Button("Fit on this image (a few seconds)", size="sm",
+                                                elem_id="resampler-fit")
+                        res_stats = gr.Markdown(elem_id="resampler-stats")
+                        with gr.Row():
+                            res_overlay = gr.Image(label="Patch -> strongest latent", format="jpeg",
+                                                   interactive=False, elem_id="resampler-overlay")
+                            with gr.Column():
+                                res_selected = gr.Slider(0, 255, value=0, step=1,
+                                                         label="Latent to show large",
+                                                         elem_id="resampler-selected")
+                                res_single = gr.Image(label="Selected latent's attention",
+                                                      format="jpeg", interactive=False,
+                                                      elem_id="resampler-single")
+                        res_grid = gr.Image(label="Every latent's attention (small multiples)",
+                                            format="jpeg", interactive=False,
+                                            elem_id="resampler-grid")
+                        res_plot = gr.Plot(label="Latents", elem_id="resampler-plot")
+                        gr.Markdown(TEXT_RESAMPLER)
+                        res_export = gr.Button("Export PNG + JSON", size="sm")
+                        res_files = gr.File(label="Export", file_count="multiple")
+
+        # --- events -----------------------------------------------------------------------
+        live = {"trigger_mode": "always_last", "show_progress": "hidden"}
+        merge_in = [session, merge_method, merge_threshold, merge_target, merge_fill]
+        prune_in = [session, prune_score, prune_head, prune_keep, prune_heat]
+        res_in = [session, res_latents, res_depth, res_init, res_selected]
+        merge_live = [merge_overlay, merge_stats]
+        prune_live = [prune_overlay, prune_stats]
+        res_live = [res_overlay, res_grid, res_single, res_stats]
+
+        def merge_fast(*a):
+            return do_merge(*a, with_figure=False)
+
+        def prune_fast(*a):
+            return do_prune(*a, with_figure=False)
+
+        def res_fast(*a):
+            return do_resample(*a, with_figure=False)
+
+        named: set[str] = set()
+
+        def on(trigger, fn, inputs, outputs, name=None, **kw):
+            """Wire one event; the first wiring of a name is the public API endpoint."""
+            if name and name not in named:
+                named.add(name)
+                return trigger(fn, inputs, outputs, api_name=name, **kw)
+            return trigger(fn, inputs, outputs, api_visibility="undocumented", **kw)
+
+        for slider in (merge_threshold, merge_target):
+            on(slider.input, merge_fast, merge_in, merge_live, "merge_live", **live)
+            on(slider.release, do_merge, merge_in, merge_live + [merge_plot], "merge", **live)
+        for ctl in (merge_method, merge_fill):
+            on(ctl.change, do_merge, merge_in, merge_live + [merge_plot], **live)
+        on(prune_keep.input, prune_fast, prune_in, prune_live, "prune_live", **live)
+        on(prune_keep.release, do_prune, prune_in, prune_live + [prune_plot], "prune", **live)
+        for ctl in (prune_score, prune_head, prune_heat):
+            on(ctl.change, do_prune, prune_in, prune_live + [prune_plot], **live)
+        prune_overlay.select(do_click, prune_in, [prune_score] + prune_live + [prune_plot],
+                             api_visibility="private", **live)
+        on(prune_query.submit, do_query, prune_in + [prune_query],
+           [prune_score] + prune_live + [prune_plot], "prune_query", **live)
+        for slider in (res_latents, res_selected):
+            on(slider.input, res_fast, res_in, res_live, "resample_live", **live)
+            on(slider.release, do_resample, res_in, res_live + [res_plot], "resample", **live)
+        for ctl in (res_depth, res_init):
+            on(ctl.change, do_resample, res_in, res_live + [res_plot], **live)
+        on(res_fit.click, do_fit, [session, res_latents, res_depth, res_selected],
+           res_live + [res_plot], "fit", concurrency_id="heavy", concurrency_limit=1)
+
+        enc_in = [session, image, model, size, layer, keep_aspect] + merge_in[1:] + prune_in[1:] \
+            + res_in[1:]
+        enc_out = [session, status, layer, merge_target, prune_head,
+                   *merge_live, merge_plot, *prune_live, prune_plot, *res_live, res_plot]
+
+        def encode_all(session, image, model, size, layer, keep_aspect, m1, m2, m3, m4,
+                       p1, p2, p3, p4, r1, r2, r3, r4):
+            return do_encode(session, image, model, size, layer, keep_aspect,
+                             (m1, m2, m3, m4), (p1, p2, p3, p4), (r1, r2, r3, r4))
+
+        heavy = {"concurrency_id": "heavy", "concurrency_limit": 2, "trigger_mode": "always_last"}
+        on(image.change, encode_all, enc_in, enc_out, "encode", **heavy)
+        for trigger in (model.change, size.release, layer.release, keep_aspect.change):
+            on(trigger, encode_all, enc_in, enc_out, **heavy)
+        llava.click(lambda: (336, False), None, [size, keep_aspect], api_visibility="private").then(
+            encode_all, enc_in, enc_out, api_visibility="undocumented", **heavy)
+        demo.load(encode_all, enc_in, enc_out, api_visibility="undocumented", **heavy)
+
+        on(merge_export.click, lambda s: do_export(s, "merge"), [session], merge_files, "export_merge")
+        on(prune_export.click, lambda s: do_export(s, "prune"), [session], prune_files, "export_prune")
+        on(res_export.click, lambda s: do_export(s, "resampler"), [session], res_files,
+           "export_resampler")
+    demo.queue(default_concurrency_limit=8, max_size=128)
+    return demo
+
+
+def main(argv: list[str] | None = None) -> None:
+    global DEVICE
+    ap = argparse.ArgumentParser(description="Token Compression Explorer")
+    ap.add_argument("--host", default=os.environ.get("GRADIO_SERVER_NAME", "127.0.0.1"),
+                    help="interface to bind (default 127.0.0.1: this machine only)")
+    ap.add_argument("--port", type=int, default=int(os.environ.get("GRADIO_SERVER_PORT", "7860")))
+    ap.add_argument("--device", default=DEVICE, help="auto (GPU when present), cpu or cuda")
+    ap.add_argument("--share", action="store_true", help="opt in to a public share link")
+    args = ap.parse_args(argv)
+    DEVICE = args.device
+    shared_encoder(BUNDLED_NAME, DEVICE)  # load (and convert, first time) before serving
+    build().launch(server_name=args.host, server_port=args.port, share=args.share,
+                   footer_links=["api"], run_history=False, show_error=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,93 @@
+"""Core benchmark: encode time per input size, and every strategy at N = 576 and 4096.
+
+Run: ``make bench`` or ``.venv/bin/python bench/bench_core.py [--device cpu|cuda] [--repeat 15]``.
+Prints a Markdown table (median and p90 over repeats, after one warm-up) with the
+issue's target next to each row.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from compress import (  # noqa: E402
+    Encoder,
+    device_label,
+    merge_bipartite,
+    merge_threshold,
+    prune_attention,
+    resample,
+)
+
+
+def timed(fn, repeat: int, sync) -> tuple[float, float]:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeat):
+        sync()
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    times.sort()
+    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--repeat", type=int, default=15)
+    args = ap.parse_args()
+    encoder = Encoder(device=args.device)
+    dev = encoder.device
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    image = Image.open(ROOT / "assets" / "coffee.jpg")
+    rows = []
+
+    for size, target in ((224, None), (336, 250), (448, None)):
+        med, p90 = timed(lambda s=size: encoder.encode(image, size=s), args.repeat, sync)
+        n = (size // 14) ** 2
+        rows.append((f"encode {size} px (N = {n})", med, p90, target))
+
+    for size in (336, 896):  # 24 x 24 = 576 and 64 x 64 = 4096 patches
+        enc = encoder.encode(image, size=size)
+        n = enc.num_patches
+        target = 20 if n == 576 else 200
+        cases = [
+            ("merge_threshold(0.9)", lambda e=enc: merge_threshold(e, 0.9)),
+            ("merge_bipartite(target=N/4)", lambda e=enc: merge_bipartite(e, target=e.num_patches // 4)),
+            ("merge_bipartite(target=64)", lambda e=enc: merge_bipartite(e, target=64)),
+            ("prune_attention(0.25, cls)", lambda e=enc: prune_attention(e, 0.25)),
+            ("prune_attention(0.25, query)", lambda e=enc: prune_attention(e, 0.25, score="query", query=0)),
+            ("resample(64, random)", lambda e=enc: resample(e, 64, init="random")),
+            ("resample(64, kmeans)", lambda e=enc: resample(e, 64, init="kmeans")),
+        ]
+        for label, fn in cases:
+            med, p90 = timed(fn, args.repeat, sync)
+            rows.append((f"N = {n}: {label}", med, p90, target))
+        if n == 576:
+            med, p90 = timed(lambda e=enc: resample(e, 64, init="fit"), 3, sync)
+            rows.append(("N = 576: resample(64, fit, 40 steps)", med, p90, 3000))
+
+    print(f"device: {device_label(dev)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{platform.processor() or platform.machine()}; repeats {args.repeat}")
+    print()
+    print("| what | median ms | p90 ms | target ms | ok |")
+    print("| --- | ---: | ---: | ---: | :-: |")
+    for label, med, p90, target in rows:
+        ok = "" if target is None else ("yes" if med < target else "NO")
+        print(f"| {label} | {med:.1f} | {p90:.1f} | {'' if target is None else target} | {ok} |")
+
+
+if __name__ == "__main__":
+    main()
