@@ -16,7 +16,6 @@ import threading  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
-from PIL import Image  # noqa: E402
 
 from compress import BUNDLED_NAME, WeightsUnavailable, device_label  # noqa: E402
 from compress.cache import EncodingCache, image_digest, shared_encoder  # noqa: E402
@@ -42,6 +41,7 @@ MODELS = [
     "vit_small_patch16_224:random",
 ]
 DEVICE = os.environ.get("TCE_DEVICE", "auto")
+METHODS = ["adjacent threshold", "ToMe bipartite"]
 
 TEXT_MERGE = """**What am I looking at?** Each coloured region is one output token: the patches
 inside it were merged into a single token (their mean). *Adjacent threshold* merges neighbouring
@@ -83,9 +83,11 @@ def _status(enc, encoder, cached: bool) -> str:
     gh, gw = enc.grid
     how = "cached" if cached else f"encoded in {enc.encode_ms:.0f} ms"
     weights = encoder.weights_info.label
-    warn = " **(untrained: maps show no learned meaning)**" if encoder.weights_info.kind == "random" else ""
+    untrained = encoder.weights_info.kind == "random"
+    warn = " **(untrained: maps show no learned meaning)**" if untrained else ""
     return (f"**{device_label(enc.device)}** | {enc.num_patches} tokens ({gh} x {gw} patches of "
-            f"{enc.patch_size} px, +{enc.num_prefix} prefix) | block {enc.layer + 1}/{encoder.depth} | "
+            f"{enc.patch_size} px, +{enc.num_prefix} prefix) | "
+            f"block {enc.layer + 1}/{encoder.depth} | "
             f"{how}  \n{encoder.name}: {weights}{warn}")
 
 
@@ -158,7 +160,7 @@ def do_resample(session, latents, depth, init, selected, with_figure=True, progr
     return out + [p.figure] if with_figure else out
 
 
-def do_fit(session, latents, depth, selected, progress=gr.Progress()):
+def do_fit(session, latents, depth, selected, progress=gr.Progress()):  # noqa: B008
     return do_resample(session, latents, depth, "fit", selected, True, progress)
 
 
@@ -243,11 +245,13 @@ def build() -> gr.Blocks:
                     "image: merge, prune or resample ViT patch tokens and watch the result live.")
         with gr.Row():
             with gr.Column(scale=1, min_width=320):
-                image = gr.Image(value=DEFAULT_IMAGE, type="pil", label="Image", elem_id="input-image",
+                image = gr.Image(value=DEFAULT_IMAGE, type="pil", label="Image",
+                                 elem_id="input-image",
                                  sources=["upload", "clipboard"], height=300, format="jpeg")
                 gr.Examples(EXAMPLES, inputs=[image], label="Sample photos (CC0 / public domain)")
                 model = gr.Dropdown(MODELS, value=BUNDLED_NAME, allow_custom_value=True,
-                                    label="Model (bundled default works offline; others need the hub)",
+                                    label="Model (bundled default works offline; "
+                                    "others need the hub)",
                                     elem_id="model")
                 with gr.Row():
                     size = gr.Slider(112, 672, value=336, step=14, label="Input size (px)",
@@ -256,14 +260,14 @@ def build() -> gr.Blocks:
                                       elem_id="layer")
                 with gr.Row():
                     llava = gr.Button("LLaVA-1.5: 576 tokens", size="sm", elem_id="llava")
-                    keep_aspect = gr.Checkbox(False, label="Keep aspect ratio", elem_id="keep-aspect")
+                    keep_aspect = gr.Checkbox(False, label="Keep aspect ratio",
+                                              elem_id="keep-aspect")
                 status = gr.Markdown("Encoding the sample photo...", elem_id="encode-status")
             with gr.Column(scale=2):
                 with gr.Tabs():
                     with gr.Tab("Token merging", id="merge"):
                         with gr.Row():
-                            merge_method = gr.Radio(["adjacent threshold", "ToMe bipartite"],
-                                                    value="adjacent threshold", label="Method",
+                            merge_method = gr.Radio(METHODS, value=METHODS[0], label="Method",
                                                     elem_id="merge-method")
                             merge_fill = gr.Radio(["mean colour", "distinct colours"],
                                                   value="mean colour", label="Fill",
@@ -281,7 +285,7 @@ def build() -> gr.Blocks:
                         merge_plot = gr.Plot(label="Similarities", elem_id="merge-plot")
                         gr.Markdown(TEXT_MERGE)
                         merge_export = gr.Button("Export PNG + JSON", size="sm")
-                        merge_files = gr.File(label="Export", file_count="multiple")
+                        merge_files = gr.File(label="Export", file_count="multiple", height=90)
                     with gr.Tab("Attention pruning", id="prune"):
                         with gr.Row():
                             prune_score = gr.Radio(
@@ -291,7 +295,7 @@ def build() -> gr.Blocks:
                                                      elem_id="prune-head")
                             prune_heat = gr.Checkbox(False, label="Score heatmap",
                                                      elem_id="prune-heatmap")
-                        prune_query = gr.Textbox(label="Query patch (row, col) - or click the image",
+                        prune_query = gr.Textbox(label="Query patch (row, col), or click",
                                                  placeholder="e.g. 12, 8 then Enter", max_lines=1,
                                                  elem_id="prune-query")
                         prune_keep = gr.Slider(0.0, 1.0, value=0.25, step=0.01, label="Keep ratio",
@@ -303,7 +307,7 @@ def build() -> gr.Blocks:
                         prune_plot = gr.Plot(label="Scores", elem_id="prune-plot")
                         gr.Markdown(TEXT_PRUNE)
                         prune_export = gr.Button("Export PNG + JSON", size="sm")
-                        prune_files = gr.File(label="Export", file_count="multiple")
+                        prune_files = gr.File(label="Export", file_count="multiple", height=90)
                     with gr.Tab("Perceiver Resampler", id="resampler"):
                         with gr.Row():
                             res_latents = gr.Slider(1, 256, value=64, step=1, label="Latents",
@@ -332,7 +336,7 @@ def build() -> gr.Blocks:
                         res_plot = gr.Plot(label="Latents", elem_id="resampler-plot")
                         gr.Markdown(TEXT_RESAMPLER)
                         res_export = gr.Button("Export PNG + JSON", size="sm")
-                        res_files = gr.File(label="Export", file_count="multiple")
+                        res_files = gr.File(label="Export", file_count="multiple", height=90)
 
         # --- events -----------------------------------------------------------------------
         live = {"trigger_mode": "always_last", "show_progress": "hidden"}
@@ -343,8 +347,11 @@ def build() -> gr.Blocks:
         prune_live = [prune_overlay, prune_stats]
         res_live = [res_overlay, res_grid, res_single, res_stats]
 
-        def merge_fast(*a):
-            return do_merge(*a, with_figure=False)
+        def merge_by(method, with_figure):
+            # the slider a user touches picks the method it belongs to
+            def fn(session, _method, threshold, target, fill):
+                return [method, *do_merge(session, method, threshold, target, fill, with_figure)]
+            return fn
 
         def prune_fast(*a):
             return do_prune(*a, with_figure=False)
@@ -361,15 +368,17 @@ def build() -> gr.Blocks:
                 return trigger(fn, inputs, outputs, api_name=name, **kw)
             return trigger(fn, inputs, outputs, api_visibility="undocumented", **kw)
 
-        for slider in (merge_threshold, merge_target):
-            on(slider.input, merge_fast, merge_in, merge_live, "merge_live", **live)
-            on(slider.release, do_merge, merge_in, merge_live + [merge_plot], "merge", **live)
+        for slider, method in ((merge_threshold, METHODS[0]), (merge_target, METHODS[1])):
+            on(slider.input, merge_by(method, False), merge_in, [merge_method] + merge_live,
+               "merge_live", **live)
+            on(slider.release, merge_by(method, True), merge_in,
+               [merge_method] + merge_live + [merge_plot], **live)
         for ctl in (merge_method, merge_fill):
-            on(ctl.change, do_merge, merge_in, merge_live + [merge_plot], **live)
+            on(ctl.input, do_merge, merge_in, merge_live + [merge_plot], "merge", **live)
         on(prune_keep.input, prune_fast, prune_in, prune_live, "prune_live", **live)
         on(prune_keep.release, do_prune, prune_in, prune_live + [prune_plot], "prune", **live)
         for ctl in (prune_score, prune_head, prune_heat):
-            on(ctl.change, do_prune, prune_in, prune_live + [prune_plot], **live)
+            on(ctl.input, do_prune, prune_in, prune_live + [prune_plot], **live)
         prune_overlay.select(do_click, prune_in, [prune_score] + prune_live + [prune_plot],
                              api_visibility="private", **live)
         on(prune_query.submit, do_query, prune_in + [prune_query],
@@ -377,8 +386,9 @@ def build() -> gr.Blocks:
         for slider in (res_latents, res_selected):
             on(slider.input, res_fast, res_in, res_live, "resample_live", **live)
             on(slider.release, do_resample, res_in, res_live + [res_plot], "resample", **live)
-        for ctl in (res_depth, res_init):
-            on(ctl.change, do_resample, res_in, res_live + [res_plot], **live)
+        on(res_depth.release, do_resample, res_in, res_live + [res_plot], **live)
+        for ctl in (res_init,):
+            on(ctl.input, do_resample, res_in, res_live + [res_plot], **live)
         on(res_fit.click, do_fit, [session, res_latents, res_depth, res_selected],
            res_live + [res_plot], "fit", concurrency_id="heavy", concurrency_limit=1)
 
@@ -400,10 +410,11 @@ def build() -> gr.Blocks:
             encode_all, enc_in, enc_out, api_visibility="undocumented", **heavy)
         demo.load(encode_all, enc_in, enc_out, api_visibility="undocumented", **heavy)
 
-        on(merge_export.click, lambda s: do_export(s, "merge"), [session], merge_files, "export_merge")
-        on(prune_export.click, lambda s: do_export(s, "prune"), [session], prune_files, "export_prune")
-        on(res_export.click, lambda s: do_export(s, "resampler"), [session], res_files,
-           "export_resampler")
+        for button, files, tab in ((merge_export, merge_files, "merge"),
+                                   (prune_export, prune_files, "prune"),
+                                   (res_export, res_files, "resampler")):
+            on(button.click, lambda s, tab=tab: do_export(s, tab), [session], files,
+               f"export_{tab}")
     demo.queue(default_concurrency_limit=8, max_size=128)
     return demo
 

@@ -11,9 +11,17 @@ Every strategy returns a ``Compression`` (output ``tokens`` [M, C] and
 """
 
 from .encoder import Encoder, device_label, resolve_device
-from .merge import merge_bipartite, merge_threshold
+from .merge import merge_bipartite, merge_threshold, pool
 from .metrics import attention_mass_kept, fidelity, summary
-from .prune import attention_scores, prune_attention
+from .prune import (
+    attention_scores,
+    divprune,
+    prumerge,
+    prumerge_plus,
+    prune_attention,
+    random_keep,
+    visionzip,
+)
 from .registry import STRATEGIES, Strategy, run_at_budget
 from .resample import PerceiverResampler, kmeans, resample
 from .types import Compression, Encoding
@@ -35,9 +43,15 @@ __all__ = [
     "resample",
     "summary",
     "device_label",
+    "divprune",
     "merge_bipartite",
     "merge_threshold",
+    "pool",
+    "prumerge",
+    "prumerge_plus",
     "prune_attention",
+    "random_keep",
     "resolve_device",
     "run_at_budget",
+    "visionzip",
 ]

@@ -1,6 +1,6 @@
-"""Token merging: adjacent threshold merging and ToMe bipartite soft matching.
+"""Token merging: adjacent threshold merging, ToMe bipartite soft matching, grid pooling.
 
-Both return a ``Compression`` with hard rows: every patch belongs to exactly
+All return a ``Compression`` with hard rows: every patch belongs to exactly
 one output token, and an output token is the (size-weighted) mean of its
 members.
 """
@@ -201,5 +201,56 @@ def merge_bipartite(
         strategy="merge_bipartite",
         params={"target": target, "r": r, "metric": metric},
         extra={"rounds": rounds, "sizes": members.sum(dim=1)},
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+    )
+
+
+def _kernel_pair(kernel, grid: tuple[int, int]) -> tuple[int, int]:
+    """``kernel`` (an int k or a (kh, kw) pair) as (kh, kw), each within the grid."""
+    gh, gw = grid
+    if isinstance(kernel, (tuple, list)):
+        if len(kernel) != 2:
+            raise ValueError(f"kernel must be an int k or a (kh, kw) pair, got {kernel!r}")
+        kh = check_int("kernel height", kernel[0], 1, gh)
+        return kh, check_int("kernel width", kernel[1], 1, gw)
+    k = check_int("kernel", kernel, 1, max(gh, gw))
+    return min(k, gh), min(k, gw)
+
+
+def pool_grid(grid: tuple[int, int], kernel) -> tuple[int, int]:
+    """The pooled grid (ceil(gh / kh), ceil(gw / kw)) for ``kernel``."""
+    kh, kw = _kernel_pair(kernel, grid)
+    return -(-grid[0] // kh), -(-grid[1] // kw)
+
+
+def pool(enc: Encoding, kernel) -> Compression:
+    """2-D average pooling of the patch grid: each kh x kw window becomes one token.
+
+    Windows do not overlap (stride = kernel) and start at the top-left patch;
+    when the grid is not divisible by the kernel the last row/column of
+    windows is partial and averages only the patches it covers -- the result
+    of ``F.avg_pool2d(grid, kernel, stride=kernel, ceil_mode=True)``. So a
+    gh x gw grid gives ceil(gh / kh) * ceil(gw / kw) tokens, in row-major
+    window order. ``kernel`` is an int k (a k x k window, clipped to the grid)
+    or a (kh, kw) pair. ``assign`` has hard rows: 1/|window| on its patches.
+    """
+    gh, gw = enc.grid
+    kh, kw = _kernel_pair(kernel, enc.grid)
+    start = time.perf_counter()
+    device = enc.tokens.device
+    ph, pw = -(-gh // kh), -(-gw // kw)
+    rows = torch.arange(gh, device=device) // kh
+    cols = torch.arange(gw, device=device) // kw
+    labels = (rows[:, None] * pw + cols[None, :]).flatten()  # window of each patch, [N]
+    num_out = ph * pw
+    assign = _hard_assign(labels, num_out)
+    counts = torch.bincount(labels, minlength=num_out).float()
+    sums = torch.zeros(num_out, enc.dim, device=device).index_add_(0, labels, enc.tokens.float())
+    return Compression(
+        tokens=(sums / counts[:, None]).to(enc.tokens.dtype),
+        assign=assign,
+        strategy="pool",
+        params={"kernel": (kh, kw)},
+        extra={"labels": labels, "pooled_grid": (ph, pw)},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
     )

@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from .types import Compression, Encoding

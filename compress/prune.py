@@ -1,7 +1,16 @@
-"""Attention-based pruning: keep the top-k patches by an attention score."""
+"""Attention-based pruning and the selection strategies that followed it.
+
+- ``prune_attention``: keep the top-k patches by an attention score (the seed).
+- ``prumerge`` / ``prumerge_plus``: keep the CLS-attention outliers (IQR rule),
+  fold key-similar patches into them (Shang et al., 2024).
+- ``visionzip``: top-k dominant patches plus merged contextual tokens (Yang et al., 2024).
+- ``divprune``: a maximally diverse subset, greedy max-min (Alvar et al., 2025).
+- ``random_keep``: a seeded uniform random subset, the floor.
+"""
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -89,5 +98,366 @@ def prune_attention(
         strategy="prune_attention",
         params=params,
         extra={"scores": scores, "kept": kept},
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+    )
+
+
+# --- PruMerge / PruMerge+ (Shang et al., 2024) -----------------------------------------
+
+PRUMERGE_ATTENTION = ("concat", "mean", "received")
+
+
+def _prumerge_attention(enc: Encoding, attention: str) -> torch.Tensor:
+    """Per-patch attention [N] that PruMerge ranks and weights by.
+
+    ``"concat"``: as the official code, one softmax over the concatenated
+    heads, ``softmax(q_cls . k / sqrt(H * d))`` over all P + N tokens, patches
+    kept; ``"mean"``: the mean over heads of the per-head CLS attention;
+    ``"received"``: mean attention received (for models without a CLS token).
+    """
+    check_choice("attention", attention, PRUMERGE_ATTENTION)
+    if attention == "received":
+        return attention_scores(enc, "received")
+    if enc.cls_attn is None or enc.num_prefix == 0:
+        raise ValueError(
+            f"model {enc.model!r} has no CLS token; use attention='received' for PruMerge"
+        )
+    if attention == "mean":
+        return enc.cls_attn.float().mean(dim=0)
+    heads, total, d = enc.k.shape
+    q_cls = enc.q[:, 0].float().reshape(-1)  # [H * d]
+    keys = enc.k.float().permute(1, 0, 2).reshape(total, heads * d)
+    return ((keys @ q_cls) * (heads * d) ** -0.5).softmax(dim=0)[enc.num_prefix:]
+
+
+def iqr_outliers(scores: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Bool mask [N] of the scores above Q3 + 1.5 IQR, and that bound.
+
+    Quartiles by linear interpolation (``numpy.percentile``'s default, as the
+    PruMerge code uses). Only the upper fence matters: low scores are pruned anyway.
+    """
+    q1, q3 = torch.quantile(scores.float(), torch.tensor([0.25, 0.75], device=scores.device))
+    bound = q3 + 1.5 * (q3 - q1)
+    return scores > bound, float(bound)
+
+
+def uniform_samples(n: int, count: int, device=None) -> torch.Tensor:
+    """``count`` raster indices in [0, n) spaced n / count apart, starting half a stride in.
+
+    floor((i + 1/2) * n / count) for i < count (``count`` is capped at n).
+    """
+    count = min(count, n)
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.long, device=device)
+    i = torch.arange(count, device=device)
+    return ((2 * i + 1) * n) // (2 * count)  # exact integer floor
+
+
+def prumerge(
+    enc: Encoding,
+    plus: bool = False,
+    neighbours: int = 32,
+    attention: str = "concat",
+    summary_token: bool = True,
+    plus_ratio: float = 3.0,
+) -> Compression:
+    """LLaVA-PruMerge (Shang et al., 2024, arXiv:2403.15388); PruMerge+ with ``plus=True``.
+
+    The rule, as the authors' code (``token_prune_merge_advanced[_plus]`` in
+    their ``clip_encoder.py``) runs it:
+
+    1. Score every patch by its CLS attention (``attention``, see below) and
+       keep the IQR outliers: patches whose score is above Q3 + 1.5 IQR. The
+       count adapts to the image; it is never fixed by a budget.
+    2. PruMerge+ only: add spatially uniform samples, ``plus_ratio`` times as
+       many as there are outliers (the code's stride ``int(int(N / n) / 3)``
+       gives about 3n; the paper's 32 -> ~144 tokens on LLaVA-1.5), at raster
+       positions floor((i + 1/2) N / S) -- exactly the code's positions when
+       N is a multiple of 3n (576 patches, 32 outliers: 3, 9, ..., 573) but
+       without its integer truncation, which for n > N/6 shrinks the stride to
+       1 and keeps every patch. Samples that are already outliers are dropped.
+    3. Merge: for each kept patch i, take its ``neighbours`` (32 in the code)
+       most key-similar other patches -- kept or pruned, by cosine of the
+       layer's keys concatenated over heads (the code's ``k_proj`` output) --
+       and update x_i <- x_i + sum_j a_j x_j with a_j their attention. The
+       code does not divide by the weights (the line is commented out), so
+       the kept patch has weight 1 and its neighbours a_j (about 1/N each).
+       To keep ``assign`` rows summing to 1 we divide by 1 + sum_j a_j: the
+       same direction, a positive rescale; ``extra["scale"]`` holds the
+       divisor so the code's value is ``tokens * scale``.
+    4. With ``summary_token`` (the code always does it), one more token: the
+       attention-weighted mean of all pruned patches (the code's
+       ``extra_one_token``, again undivided there). So M = kept + 1.
+
+    The paper's text describes step 3 as clustering the pruned tokens to the
+    kept ones and a weighted average; we follow the code, which is what was
+    evaluated. ``attention``: ``"concat"`` is the code's single softmax over
+    the concatenated heads, q_cls . k / sqrt(H d); ``"mean"`` averages the
+    per-head CLS attention; ``"received"`` (ours) uses the mean attention
+    each patch receives, for models without a CLS token. If no patch is an
+    outlier PruMerge keeps none and returns only the summary token (as the
+    code would); PruMerge+ then spaces its samples as if n were 1. Without
+    ``summary_token`` and with nothing kept, the top-scoring patch is kept.
+
+    Returns a ``Compression`` [M = kept (+1), C]: kept tokens in grid order,
+    then the summary token. ``assign`` rows are soft: row i has 1/scale on
+    patch i and a_j/scale on its neighbours. ``extra``: ``scores`` [N],
+    ``bound``, ``outliers``, ``samples`` (plus only), ``kept``, ``neighbours``
+    [K, k], ``scale`` [M].
+    """
+    if not isinstance(plus, bool):
+        raise ValueError(f"plus must be True or False, got {plus!r}")
+    if not isinstance(summary_token, bool):
+        raise ValueError(f"summary_token must be True or False, got {summary_token!r}")
+    n = enc.num_patches
+    neighbours = check_int("neighbours", neighbours, 0)
+    plus_ratio = check_real("plus_ratio", plus_ratio, 0.0, float(n))
+    start = time.perf_counter()
+    scores = _prumerge_attention(enc, attention)
+    device = scores.device
+    outlier_mask, bound = iqr_outliers(scores)
+    outliers = outlier_mask.nonzero().flatten()
+    keep_mask = outlier_mask.clone()
+    samples = None
+    if plus:
+        count = math.ceil(plus_ratio * max(outliers.numel(), 1))
+        cand = uniform_samples(n, count, device)
+        samples = cand[~outlier_mask[cand]]
+        keep_mask[samples] = True
+    if not summary_token and not bool(keep_mask.any()):
+        keep_mask[scores.argmax()] = True  # nothing to return otherwise: keep the top patch
+    kept = keep_mask.nonzero().flatten()
+    k = min(neighbours, n - 1)
+
+    heads, total, d = enc.k.shape
+    keys = enc.k[:, enc.num_prefix:].float().permute(1, 0, 2).reshape(n, heads * d)
+    unit = F.normalize(keys, dim=-1)
+    sims = unit[kept] @ unit.T  # [K, N]
+    rows = torch.arange(kept.numel(), device=device)
+    sims[rows, kept] = -math.inf  # a patch is not its own neighbour
+    nbr = sims.topk(k, dim=1).indices  # [K, k]
+    a = scores.float()
+    nbr_w = a[nbr]  # [K, k]
+    scale = 1.0 + nbr_w.sum(dim=1)  # [K]
+    assign = torch.zeros(kept.numel(), n, device=device)
+    assign.scatter_(1, nbr, nbr_w)
+    assign[rows, kept] = 1.0
+    assign = assign / scale[:, None]
+    tokens = (enc.tokens[kept].float() + (nbr_w[..., None] * enc.tokens[nbr].float()).sum(1))
+    tokens = tokens / scale[:, None]
+
+    pruned = ~keep_mask
+    if summary_token and bool(pruned.any()):
+        w = torch.where(pruned, a, torch.zeros_like(a))
+        total_w = w.sum()
+        # all-zero attention on the pruned patches (underflow): fall back to their plain mean
+        w = torch.where(total_w > 0, w, pruned.float())
+        row = w / w.sum()
+        assign = torch.cat([assign, row[None]])
+        tokens = torch.cat([tokens, (row @ enc.tokens.float())[None]])
+        scale = torch.cat([scale, total_w.reshape(1)])
+    params = {"plus": plus, "neighbours": neighbours, "attention": attention,
+              "summary_token": summary_token}
+    if plus:
+        params["plus_ratio"] = plus_ratio
+    return Compression(
+        tokens=tokens.to(enc.tokens.dtype),
+        assign=assign,
+        strategy="prumerge_plus" if plus else "prumerge",
+        params=params,
+        extra={"scores": scores, "bound": bound, "outliers": outliers, "samples": samples,
+               "kept": kept, "neighbours": nbr, "scale": scale},
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+    )
+
+
+def prumerge_plus(enc: Encoding, **kwargs) -> Compression:
+    """PruMerge+: ``prumerge(enc, plus=True, ...)``, outliers plus spatially uniform samples."""
+    return prumerge(enc, plus=True, **kwargs)
+
+
+# --- VisionZip (Yang et al., 2024) --------------------------------------------------------
+
+VISIONZIP_DOMINANT_RATIO = 54 / 64  # the official LLaVA-1.5 setting: 54 dominant + 10 contextual
+
+
+def visionzip(
+    enc: Encoding,
+    target: int,
+    dominant_ratio: float = VISIONZIP_DOMINANT_RATIO,
+    score: str = "cls",
+) -> Compression:
+    """VisionZip (Yang et al., 2024, arXiv:2412.04467): dominant + contextual tokens.
+
+    The rule, as the official ``visionzip`` package runs it:
+
+    - D = round(``dominant_ratio`` * ``target``) **dominant** tokens: the
+      patches with the highest CLS attention summed over heads (ties: grid
+      order). The official code also counts the CLS token itself as one of
+      its dominant tokens; our outputs describe patches only, so all D go to
+      patches. Default ratio 54/64, the paper's setting for LLaVA-1.5.
+    - C = ``target`` - D **contextual** tokens from the R = N - D remaining
+      patches, kept in grid order: targets are every ``max(1, R // C)``-th
+      remaining patch (positions 0, step, 2 step, ..., the first C); every
+      other remaining patch joins the target whose key is most cosine-similar
+      (keys of the layer averaged over heads, as the code's ``metric``), and
+      each contextual token is the plain mean of its target and members.
+
+    ``score="received"`` (ours) ranks by mean attention received, for models
+    without a CLS token. With C = 0 the remaining patches are dropped.
+
+    Returns a ``Compression`` [target, C]: the dominant tokens (grid order,
+    one-hot rows), then the contextual tokens (hard rows, in target order).
+    ``extra``: ``scores`` [N], ``dominant``, ``targets`` (patch indices),
+    ``groups`` [N] (contextual group per patch, -1 for dominant or dropped).
+    """
+    n = enc.num_patches
+    target = check_int("target", target, 1, n)
+    dominant_ratio = check_real("dominant_ratio", dominant_ratio, 0.0, 1.0)
+    check_choice("score", score, ("cls", "received"))
+    start = time.perf_counter()
+    scores = attention_scores(enc, score)
+    device = scores.device
+    num_dom = min(target, round(dominant_ratio * target))
+    num_ctx = target - num_dom
+    order = torch.sort(scores, descending=True, stable=True).indices
+    dominant = order[:num_dom].sort().values
+    is_dom = torch.zeros(n, dtype=torch.bool, device=device)
+    is_dom[dominant] = True
+    remaining = (~is_dom).nonzero().flatten()  # grid order
+    labels = torch.full((n,), -1, dtype=torch.long, device=device)
+    labels[dominant] = torch.arange(num_dom, device=device)
+    groups = torch.full((n,), -1, dtype=torch.long, device=device)
+    targets = remaining[:0]
+    if num_ctx > 0:
+        r = remaining.numel()
+        step = max(1, r // num_ctx)
+        tpos = torch.arange(0, r, step, device=device)[:num_ctx]
+        targets = remaining[tpos]
+        is_target = torch.zeros(r, dtype=torch.bool, device=device)
+        is_target[tpos] = True
+        metric = F.normalize(enc.k[:, enc.num_prefix:].float().mean(dim=0), dim=-1)
+        members = remaining[~is_target]
+        group = torch.empty(r, dtype=torch.long, device=device)
+        group[tpos] = torch.arange(num_ctx, device=device)
+        group[~is_target] = (metric[members] @ metric[targets].T).argmax(dim=1)
+        groups[remaining] = group
+        labels[remaining] = num_dom + group
+    used = labels >= 0
+    cols = used.nonzero().flatten()
+    counts = torch.bincount(labels[cols], minlength=target).float()
+    assign = torch.zeros(target, n, device=device)
+    assign[labels[cols], cols] = 1.0
+    assign = assign / counts[:, None]
+    sums = torch.zeros(target, enc.dim, device=device).index_add_(
+        0, labels[cols], enc.tokens[cols].float())
+    tokens = sums / counts[:, None]
+    return Compression(
+        tokens=tokens.to(enc.tokens.dtype),
+        assign=assign,
+        strategy="visionzip",
+        params={"target": target, "dominant_ratio": dominant_ratio, "score": score},
+        extra={"scores": scores, "dominant": dominant, "targets": targets, "groups": groups,
+               "num_dominant": num_dom, "num_contextual": num_ctx},
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+    )
+
+
+# --- DivPrune (Alvar et al., CVPR 2025) ---------------------------------------------------
+
+
+def nearest_other_similarity(unit: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """For each row of ``unit`` [N, D] (unit vectors), its highest cosine to another row, [N].
+
+    Computes only the upper block-triangle of the Gram matrix (it is
+    symmetric), so N = 4096 costs about half a full N x N product.
+    """
+    n = unit.shape[0]
+    best = torch.full((n,), -math.inf, device=unit.device)
+    for i0 in range(0, n, block):
+        blk = unit[i0:i0 + block] @ unit[i0:].T  # rows i0.., columns i0..
+        r = torch.arange(blk.shape[0], device=unit.device)
+        blk[r, r] = -math.inf  # the diagonal: a row is not its own neighbour
+        best[i0:i0 + block] = torch.maximum(best[i0:i0 + block], blk.amax(dim=1))
+        best[i0:] = torch.maximum(best[i0:], blk.amax(dim=0))
+    return best
+
+
+def divprune(enc: Encoding, target: int) -> Compression:
+    """DivPrune (Alvar et al., CVPR 2025, arXiv:2503.02175): a maximally diverse subset.
+
+    Greedy max-min selection on the cosine distance d(i, j) = 1 - cos(x_i, x_j)
+    of the patch tokens (the official code runs it on the visual tokens the
+    language model receives):
+
+    - first pick: the patch whose nearest other patch is farthest,
+      argmax_i min_{j != i} d(i, j) (the code's second-smallest distance per
+      column, the smallest being the patch itself);
+    - then, ``target`` - 1 times: next = argmax over the unselected patches of
+      the minimum distance to the selected ones.
+
+    Ties go to the earlier patch (``argmax`` returns the first). Unlike the
+    code we exclude selected patches from later picks, so exact duplicates
+    cannot be picked twice. Returns a ``Compression`` [target, C] with one-hot
+    rows, kept tokens in grid order; ``extra["order"]`` is the pick order and
+    ``extra["min_distance"]`` the distance each pick had to the earlier ones
+    (for the first: to its nearest other patch).
+    """
+    n = enc.num_patches
+    target = check_int("target", target, 1, n)
+    start = time.perf_counter()
+    unit = F.normalize(enc.tokens.float(), dim=-1)
+    device = unit.device
+    # Maximising the min distance 1 - cos is minimising the max cosine: work with cosines.
+    if n > 1:
+        first_sim = nearest_other_similarity(unit)
+    else:
+        first_sim = torch.ones(1, device=device)
+    order = torch.empty(target, dtype=torch.long, device=device)
+    best_sim = torch.empty(target, device=device)
+    idx = first_sim.argmin()
+    order[0] = idx
+    best_sim[0] = first_sim[idx]
+    max_sim = unit @ unit[idx]
+    max_sim[idx] = math.inf
+    for i in range(1, target):
+        idx = max_sim.argmin()
+        order[i] = idx
+        best_sim[i] = max_sim[idx]
+        max_sim = torch.maximum(max_sim, unit @ unit[idx])
+        max_sim[idx] = math.inf
+    kept = order.sort().values
+    return Compression(
+        tokens=enc.tokens[kept],
+        assign=F.one_hot(kept, n).float(),
+        strategy="divprune",
+        params={"target": target},
+        extra={"kept": kept, "order": order, "min_distance": 1.0 - best_sim},
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+    )
+
+
+# --- Random keep: the floor ---------------------------------------------------------------
+
+
+def random_keep(enc: Encoding, target: int, seed: int = 0) -> Compression:
+    """Keep ``target`` patches drawn uniformly at random without replacement.
+
+    Seeded (a CPU ``torch.Generator``, so a seed gives the same patches on
+    every device); kept tokens in grid order, one-hot ``assign``. The floor
+    every other strategy must beat.
+    """
+    n = enc.num_patches
+    target = check_int("target", target, 1, n)
+    seed = check_int("seed", seed, 0, 2**63 - 1)
+    start = time.perf_counter()
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    kept = torch.randperm(n, generator=gen)[:target].sort().values.to(enc.tokens.device)
+    return Compression(
+        tokens=enc.tokens[kept],
+        assign=F.one_hot(kept, n).float(),
+        strategy="random_keep",
+        params={"target": target, "seed": seed},
+        extra={"kept": kept},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
     )

@@ -12,21 +12,27 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_int
-from .merge import merge_bipartite, merge_threshold, neighbour_similarity
-from .prune import prune_attention
+from .merge import merge_bipartite, merge_threshold, neighbour_similarity, pool
+from .prune import divprune, prumerge, prumerge_plus, prune_attention, random_keep, visionzip
 from .resample import resample
 from .types import Compression, Encoding
 
 
 @dataclass(frozen=True)
 class Strategy:
-    """A strategy by name: ``run(enc, **params)`` and ``at_budget(enc, M)``."""
+    """A strategy by name: ``run(enc, **params)`` and ``at_budget(enc, M)``.
+
+    ``at_budget`` returns M output tokens, or as close to M as the rule
+    allows. ``adaptive`` strategies choose their own count from the image
+    (PruMerge's outlier rule): their ``at_budget`` ignores M and runs the rule.
+    """
 
     name: str
     label: str
     source: str
     run: Callable[..., Compression]
     at_budget: Callable[[Encoding, int], Compression]
+    adaptive: bool = False
 
 
 def threshold_for_budget(enc: Encoding, budget: int, connectivity: int = 4) -> float:
@@ -59,6 +65,35 @@ def _threshold_at(enc: Encoding, m: int) -> Compression:
     return merge_threshold(enc, threshold_for_budget(enc, m))
 
 
+def kernel_for_budget(grid: tuple[int, int], budget: int) -> tuple[int, int]:
+    """The pooling kernel (kh, kw) whose token count ceil(gh/kh) * ceil(gw/kw) is closest to M.
+
+    Every kernel up to the grid size is a candidate; among equally close
+    counts the squarest kernel wins, then the shorter one.
+    """
+    gh, gw = grid
+    kh = torch.arange(1, gh + 1)[:, None]
+    kw = torch.arange(1, gw + 1)[None, :]
+    counts = (-(-gh // kh)) * (-(-gw // kw))
+    span = gh + gw + 1
+    key = ((counts - budget).abs() * span + (kh - kw).abs()) * span + kh
+    best = int(key.argmin())
+    return best // gw + 1, best % gw + 1
+
+
+def _pool_at(enc: Encoding, m: int) -> Compression:
+    return pool(enc, kernel_for_budget(enc.grid, m))
+
+
+def _score_for(enc: Encoding) -> str:
+    return "cls" if enc.cls_attn is not None else "received"
+
+
+def _prumerge_at(enc: Encoding, m: int, plus: bool = False) -> Compression:
+    # Adaptive: the IQR rule sets the count, the budget is not used.
+    return prumerge(enc, plus=plus, attention="concat" if enc.cls_attn is not None else "received")
+
+
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in [
@@ -74,6 +109,27 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("resample", "Perceiver Resampler",
                  "Alayrac et al., Flamingo, NeurIPS 2022 (untrained here: k-means init)",
                  resample, lambda enc, m: resample(enc, m, init="kmeans")),
+        Strategy("prumerge", "PruMerge (adaptive)",
+                 "Shang et al., LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large "
+                 "Multimodal Models, 2024 (arXiv:2403.15388)",
+                 prumerge, _prumerge_at, adaptive=True),
+        Strategy("prumerge_plus", "PruMerge+ (adaptive)",
+                 "Shang et al., LLaVA-PruMerge, 2024: PruMerge+ adds spatially uniform samples",
+                 prumerge_plus, lambda enc, m: _prumerge_at(enc, m, plus=True), adaptive=True),
+        Strategy("visionzip", "VisionZip",
+                 "Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language "
+                 "Models, 2024 (arXiv:2412.04467)",
+                 visionzip, lambda enc, m: visionzip(enc, m, score=_score_for(enc))),
+        Strategy("divprune", "DivPrune",
+                 "Alvar et al., DivPrune: Diversity-based Visual Token Pruning for Large "
+                 "Multimodal Models, CVPR 2025 (arXiv:2503.02175)",
+                 divprune, lambda enc, m: divprune(enc, m)),
+        Strategy("pool", "2-D average pooling",
+                 "average pooling of the patch grid, the baseline many VLMs use",
+                 pool, _pool_at),
+        Strategy("random_keep", "Random keep",
+                 "a seeded uniform random subset: the floor every method must beat",
+                 random_keep, lambda enc, m: random_keep(enc, m, seed=0)),
     ]
 }
 

@@ -108,7 +108,7 @@ def _modes():
     base = Image.open(ASSETS / "chelsea.jpg").convert("RGB")
     rgba = base.convert("RGBA")
     rgba.putalpha(128)
-    grey16 = Image.fromarray((np.asarray(base.convert("L"), dtype=np.uint16) * 257))
+    grey16 = Image.fromarray(np.asarray(base.convert("L"), dtype=np.uint16) * 257)
     return {
         "RGB": base,
         "RGBA": rgba,

@@ -329,6 +329,11 @@ def _draw_marker(img: Image.Image, cx: float, cy: float, cell: float) -> None:
                       fill=colour, width=width)
 
 
+def _mask_image(mask: np.ndarray) -> Image.Image:
+    """A bool [H, W] mask as an "L" image (255 where True), for paste and composite."""
+    return Image.fromarray(mask.view(np.uint8) * np.uint8(255))
+
+
 def _blend(base: Image.Image, colour: Image.Image, alpha: float) -> Image.Image:
     """base * (1 - alpha) + colour * alpha, in PIL's C code."""
     return Image.blend(base, colour, float(np.clip(alpha, 0.0, 1.0)))
@@ -386,11 +391,10 @@ def _paint(image, gh, gw, inv, colours, alpha, borders, display, border_color) -
     ey, ex = cell_edges(gh, h), cell_edges(gw, w)
     ids = inv.reshape(gh, gw)
     out = _blend(base, _expand_rgb(colours[ids], ey, ex), alpha)
-    if not borders:
-        return out
-    arr = np.array(out)
-    arr[_label_borders(ids, ey, ex, _border_width(ey, ex))] = border_color
-    return Image.fromarray(arr)
+    if borders:
+        lines = _label_borders(ids, ey, ex, _border_width(ey, ex))
+        out.paste(border_color, mask=_mask_image(lines))
+    return out
 
 
 def latent_overlay(
@@ -494,9 +498,8 @@ def prune_overlay(
     dark = Image.blend(base, grey, float(np.clip(desaturate, 0.0, 1.0)))
     dark = dark.point(_dim_lut(float(dim)))
     keep_px = _expand(keep, ey, ex)
-    out = np.array(Image.composite(base, dark, Image.fromarray(keep_px.view(np.uint8) * 255)))
-    out[_kept_edges(keep_px, _border_width(ey, ex))] = OUTLINE_COLOR
-    img = Image.fromarray(out)
+    img = Image.composite(base, dark, _mask_image(keep_px))
+    img.paste(OUTLINE_COLOR, mask=_mask_image(_kept_edges(keep_px, _border_width(ey, ex))))
     if query is not None:
         cx, cy = _patch_centre(query, gh, gw, ey, ex)
         _draw_marker(img, cx, cy, min(w / gw, h / gh))

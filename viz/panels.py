@@ -139,11 +139,14 @@ def resampler_panel(enc: Encoding, num_latents: int = 64, depth: int = 2, init: 
     title = resampler_title(comp)
     overlay = latent_overlay(enc.image, enc.grid, comp.assign, display=display)
     shown = comp.assign[:64]
-    grid_img = heatmap_grid(enc.image, enc.grid, shown, cols=8, cell=84,
-                            title=title + ("" if comp.num_out <= 64 else f" - first 64 of {comp.num_out}"),
+    if comp.num_out > 64:
+        title += f" - first 64 of {comp.num_out}"
+    grid_img = heatmap_grid(enc.image, enc.grid, shown, cols=8, cell=84, title=title,
                             highlight=selected if selected < 64 else None)
     single = heatmap_overlay(enc.image, enc.grid, comp.assign[selected], display=display // 2)
-    figure = resampler_plot(comp.assign, comp.extra["loss"], comp.extra["trained"]) if with_figure else None
+    figure = None
+    if with_figure:
+        figure = resampler_plot(comp.assign, comp.extra["loss"], comp.extra["trained"])
     t2 = time.perf_counter()
     stats = _stats(enc, comp, (t1 - t0) * 1e3)
     stats["trained"] = comp.extra["trained"]

@@ -1,0 +1,138 @@
+"""A real browser: Playwright drives the system Chromium against the real app.
+
+Uploads a photo, moves every slider, clicks the image in the pruning tab, and
+checks that overlays and numbers change. Saves screenshots to tests/artifacts/.
+No browser is downloaded: Debian's Chromium (``apt-get install chromium``,
+done by ``make test``) is used through ``executable_path``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from conftest import ASSETS, ROOT
+
+CHROMIUM = os.environ.get("TCE_CHROMIUM", "/usr/bin/chromium")
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+ARTIFACTS = ROOT / "tests" / "artifacts"
+TIMEOUT = 60_000
+
+pytestmark = pytest.mark.browser
+
+
+@pytest.fixture(scope="module")
+def page(app_url, tmp_path_factory):
+    if not Path(CHROMIUM).exists() and not shutil.which("chromium"):
+        pytest.fail("Chromium not found: `make test` installs it (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        context = browser.new_context(viewport={"width": 1400, "height": 1100})
+        pg = context.new_page()
+        pg.set_default_timeout(TIMEOUT)
+        pg.goto(app_url)
+        pg.wait_for_function(
+            "() => document.querySelector('#merge-overlay img')?.complete"
+            " && document.querySelector('#merge-stats')?.innerText.includes('→')")
+        yield pg
+        browser.close()
+
+
+def src(page, elem_id: str) -> str:
+    return page.eval_on_selector(f"#{elem_id} img", "e => e.src")
+
+
+def text(page, elem_id: str) -> str:
+    return page.inner_text(f"#{elem_id}")
+
+
+def wait_changed(page, elem_id: str, old_src: str, stats_id: str | None = None, old_stats=None):
+    page.wait_for_function(
+        "([id, old]) => { const e = document.querySelector('#' + id + ' img');"
+        " return e && e.src !== old && e.complete && e.naturalWidth > 0; }",
+        arg=[elem_id, old_src])
+    if stats_id is not None:
+        page.wait_for_function(
+            "([id, old]) => document.querySelector('#' + id).innerText !== old",
+            arg=[stats_id, old_stats])
+
+
+def drag(page, elem_id: str, fraction: float) -> None:
+    """Drag a slider's thumb with the mouse to ``fraction`` of its track (input + release)."""
+    rng = page.locator(f"#{elem_id} input[type=range]")
+    box = rng.bounding_box()
+    lo, hi = (float(rng.get_attribute(a) or d) for a, d in (("min", "0"), ("max", "100")))
+    val = float(rng.input_value())
+    y = box["y"] + box["height"] / 2
+    start = box["x"] + box["width"] * (val - lo) / (hi - lo)
+    page.mouse.move(start, y)
+    page.mouse.down()
+    end = box["x"] + box["width"] * fraction
+    page.mouse.move(end, y, steps=8)
+    page.mouse.up()
+
+
+def tokens_out(stats: str) -> int:
+    return int(re.search(r"→\s*(\d+)", stats).group(1))
+
+
+def test_upload_and_move_every_slider(page):
+    # Upload a different photo than the default.
+    old_merge, old_stats = src(page, "merge-overlay"), text(page, "merge-stats")
+    page.set_input_files("#input-image input[type=file]", str(ASSETS / "chelsea.jpg"))
+    wait_changed(page, "merge-overlay", old_merge, "merge-stats", old_stats)
+    assert "576 tokens" in text(page, "encode-status")
+
+    # Token merging: threshold, then target (which switches to ToMe).
+    for elem, frac in (("merge-threshold", 0.75), ("merge-target", 0.1)):
+        old, stats = src(page, "merge-overlay"), text(page, "merge-stats")
+        drag(page, elem, frac)
+        wait_changed(page, "merge-overlay", old, "merge-stats", stats)
+        assert tokens_out(text(page, "merge-stats")) != tokens_out(stats) or elem == "merge-target"
+    assert page.locator("#merge-method input[value='ToMe bipartite']").is_checked()
+    page.screenshot(path=str(ARTIFACTS / "merge.png"), full_page=True)
+
+    # Attention pruning: the keep ratio.
+    page.get_by_role("tab", name="Attention pruning").click()
+    page.wait_for_selector("#prune-overlay img")
+    old, stats = src(page, "prune-overlay"), text(page, "prune-stats")
+    drag(page, "prune-keep", 0.6)
+    wait_changed(page, "prune-overlay", old, "prune-stats", stats)
+    assert tokens_out(text(page, "prune-stats")) > tokens_out(stats)
+
+    # Perceiver Resampler: the latent count.
+    page.get_by_role("tab", name="Perceiver Resampler").click()
+    page.wait_for_selector("#resampler-overlay img")
+    old, stats = src(page, "resampler-overlay"), text(page, "resampler-stats")
+    drag(page, "resampler-latents", 0.05)
+    wait_changed(page, "resampler-overlay", old, "resampler-stats", stats)
+    assert tokens_out(text(page, "resampler-stats")) < tokens_out(stats)
+    assert "UNTRAINED" in text(page, "resampler-stats")
+    page.screenshot(path=str(ARTIFACTS / "resampler.png"), full_page=True)
+
+
+def test_click_sets_the_query_patch(page):
+    page.get_by_role("tab", name="Attention pruning").click()
+    img = page.locator("#prune-overlay img")
+    img.wait_for()
+    seen = []
+    for fx, fy in ((0.2, 0.25), (0.8, 0.7)):
+        old, stats = src(page, "prune-overlay"), text(page, "prune-stats")
+        box = img.bounding_box()
+        img.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
+        wait_changed(page, "prune-overlay", old, "prune-stats", stats)
+        m = re.search(r"row (\d+), col (\d+)", text(page, "prune-stats"))
+        assert m, text(page, "prune-stats")
+        seen.append((int(m.group(1)), int(m.group(2))))
+    (r1, c1), (r2, c2) = seen
+    assert r1 < r2 and c1 < c2  # the marker followed the clicks: top-left, then bottom-right
+    assert abs(r1 - round(0.25 * 24)) <= 1 and abs(c1 - round(0.2 * 24)) <= 1
+    assert page.locator("#prune-score input[value='query (click image)']").is_checked()
+    page.screenshot(path=str(ARTIFACTS / "prune-query.png"), full_page=True)
