@@ -11,8 +11,10 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
 
 import argparse  # noqa: E402
+import shutil  # noqa: E402
 import tempfile  # noqa: E402
 import threading  # noqa: E402
+import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
@@ -83,19 +85,20 @@ def _status(enc, encoder, cached: bool) -> str:
     gh, gw = enc.grid
     how = "cached" if cached else f"encoded in {enc.encode_ms:.0f} ms"
     weights = encoder.weights_info.label
-    untrained = encoder.weights_info.kind == "random"
-    warn = " **(untrained: maps show no learned meaning)**" if untrained else ""
+    warn = ""
     return (f"**{device_label(enc.device)}** | {enc.num_patches} tokens ({gh} x {gw} patches of "
             f"{enc.patch_size} px, +{enc.num_prefix} prefix) | "
             f"block {enc.layer + 1}/{encoder.depth} | "
-            f"{how}  \n{encoder.name}: {weights}{warn}")
+            f"{how}  \n{encoder.name}: **{weights}**{warn}")
 
 
 def _stats_md(p: Panel, extra: str = "") -> str:
     s = p.stats
     kept = s.get("attention_mass_kept")
     kept_txt = "n/a (no CLS)" if kept is None else f"{kept:.3f}"
-    return (f"### {s['N']} → {s['M']} tokens ({s['ratio']:.2f}x, {1 - s['M'] / s['N']:.0%} fewer)\n"
+    change = (f"{1 - s['M'] / s['N']:.0%} fewer" if s["M"] <= s["N"]
+              else f"{s['M'] / s['N']:.1f}x more tokens than patches")
+    return (f"### {s['N']} → {s['M']} tokens ({s['ratio']:.2f}x, {change})\n"
             f"fidelity **{s['fidelity']:.4f}** · attention kept **{kept_txt}** · "
             f"strategy {p.strategy_ms:.1f} ms · drawing {p.draw_ms:.1f} ms{extra}")
 
@@ -185,6 +188,7 @@ def do_encode(session, image, model, size, layer, keep_aspect, merge_args, prune
     heads = ["mean"] + [str(h) for h in range(enc.num_heads)]
     merge_out = do_merge(session, *merge_args)
     prune_out = do_prune(session, *prune_args)
+    res_args = (min(int(res_args[0]), n), *res_args[1:])
     res_out = do_resample(session, *res_args)
     return [
         session,
@@ -192,6 +196,7 @@ def do_encode(session, image, model, size, layer, keep_aspect, merge_args, prune
         gr.update(maximum=encoder.depth, value=min(int(layer), encoder.depth)),
         gr.update(maximum=n, value=min(int(merge_args[2]), n)),
         gr.update(choices=heads, value=prune_args[1] if prune_args[1] in heads else "mean"),
+        gr.update(maximum=max(n, 2), value=min(int(res_args[0]), n)),
         *merge_out, *prune_out, *res_out,
     ]
 
@@ -221,12 +226,30 @@ def do_query(session, score, head, keep, heatmap, text):
     return ["query (click image)", *do_prune(session, "query (click image)", head, keep, heatmap)]
 
 
+EXPORT_ROOT = Path(tempfile.gettempdir()) / f"tce-exports-{os.getpid()}"
+EXPORT_TTL_S = 600
+
+
+def _export_folder() -> Path:
+    """A fresh folder under one per-process export root; folders older than 10 min are removed.
+
+    Gradio copies returned files into its own (self-cleaning) cache, so these
+    sources only need to live a moment: the root never grows without bound.
+    """
+    EXPORT_ROOT.mkdir(exist_ok=True)
+    now = time.time()
+    for old in EXPORT_ROOT.iterdir():
+        if now - old.stat().st_mtime > EXPORT_TTL_S:
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=EXPORT_ROOT))
+
+
 def do_export(session, tab):
     enc = _need(session)
     p = session.panels.get(tab)
     if p is None:
         raise gr.Error("Nothing to export yet.")
-    folder = Path(tempfile.mkdtemp(prefix="tce-export-"))
+    folder = _export_folder()
     png = folder / f"{tab}-overlay.png"
     p.overlay.save(png)
     js = folder / f"{tab}-result.json"
@@ -369,12 +392,15 @@ def build() -> gr.Blocks:
             return trigger(fn, inputs, outputs, api_visibility="undocumented", **kw)
 
         for slider, method in ((merge_threshold, METHODS[0]), (merge_target, METHODS[1])):
-            on(slider.input, merge_by(method, False), merge_in, [merge_method] + merge_live,
-               "merge_live", **live)
+            on(slider.input, merge_by(method, False), merge_in, [merge_method] + merge_live, **live)
             on(slider.release, merge_by(method, True), merge_in,
                [merge_method] + merge_live + [merge_plot], **live)
         for ctl in (merge_method, merge_fill):
             on(ctl.input, do_merge, merge_in, merge_live + [merge_plot], "merge", **live)
+        # API-only: the live merge update with the method it is given (the UI sliders pick theirs)
+        api_only = gr.Button(visible=False)
+        api_only.click(lambda *a: do_merge(*a, with_figure=False), merge_in, merge_live,
+                       api_name="merge_live", **live)
         on(prune_keep.input, prune_fast, prune_in, prune_live, "prune_live", **live)
         on(prune_keep.release, do_prune, prune_in, prune_live + [prune_plot], "prune", **live)
         for ctl in (prune_score, prune_head, prune_heat):
@@ -394,7 +420,7 @@ def build() -> gr.Blocks:
 
         enc_in = [session, image, model, size, layer, keep_aspect] + merge_in[1:] + prune_in[1:] \
             + res_in[1:]
-        enc_out = [session, status, layer, merge_target, prune_head,
+        enc_out = [session, status, layer, merge_target, prune_head, res_latents,
                    *merge_live, merge_plot, *prune_live, prune_plot, *res_live, res_plot]
 
         def encode_all(session, image, model, size, layer, keep_aspect, m1, m2, m3, m4,

@@ -52,6 +52,13 @@ def device_label(device: torch.device) -> str:
     return "CPU"
 
 
+def _not_a_vit(name: str) -> ValueError:
+    return ValueError(
+        f"model {name!r} is not a plain ViT (patch embedding + blocks with a qkv attention); "
+        f"choose a timm VisionTransformer model, or the bundled default {BUNDLED_NAME!r}"
+    )
+
+
 @contextlib.contextmanager
 def _offline_if_asked():
     """Honour ``HF_HUB_OFFLINE`` even when it was set after huggingface_hub was imported."""
@@ -88,11 +95,16 @@ def _create_model(model: str, weights: str):
             "or a timm ViT name such as 'vit_base_patch16_clip_224.openai'"
         )
     if want_random:
-        net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        try:
+            net = timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+        except TypeError as exc:
+            raise _not_a_vit(name) from exc
         return net, WeightsInfo("random", name), True
     try:
         with _offline_if_asked():  # timm still finds weights already in the local hub cache
             net = timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
+    except TypeError as exc:  # e.g. "unexpected keyword argument 'dynamic_img_size'": not a ViT
+        raise _not_a_vit(name) from exc
     except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear message
         why = "HF_HUB_OFFLINE is set" if hub_offline() else "the model hub could not be reached"
         raise WeightsUnavailable(
@@ -135,10 +147,7 @@ class Encoder:
         blocks = getattr(net, "blocks", None)
         attn = getattr(blocks[0], "attn", None) if blocks else None
         if getattr(net, "patch_embed", None) is None or attn is None or not hasattr(attn, "qkv"):
-            raise ValueError(
-                f"model {self.name!r} is not a plain ViT (patch embedding + blocks with a qkv "
-                "attention); choose a timm VisionTransformer model"
-            )
+            raise _not_a_vit(self.name)
         if getattr(net, "pos_embed", None) is None:
             raise ValueError(f"model {self.name!r} has no absolute position embedding; not supported")
 

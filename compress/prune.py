@@ -118,7 +118,7 @@ def _prumerge_attention(enc: Encoding, attention: str) -> torch.Tensor:
     check_choice("attention", attention, PRUMERGE_ATTENTION)
     if attention == "received":
         return attention_scores(enc, "received")
-    if enc.cls_attn is None or enc.num_prefix == 0:
+    if enc.cls_attn is None or (attention == "concat" and enc.num_prefix == 0):
         raise ValueError(
             f"model {enc.model!r} has no CLS token; use attention='received' for PruMerge"
         )
@@ -239,22 +239,24 @@ def prumerge(
     a = scores.float()
     nbr_w = a[nbr]  # [K, k]
     scale = 1.0 + nbr_w.sum(dim=1)  # [K]
+    w = nbr_w / scale[:, None]
     assign = torch.zeros(kept.numel(), n, device=device)
-    assign.scatter_(1, nbr, nbr_w)
-    assign[rows, kept] = 1.0
-    assign = assign / scale[:, None]
-    tokens = (enc.tokens[kept].float() + (nbr_w[..., None] * enc.tokens[nbr].float()).sum(1))
-    tokens = tokens / scale[:, None]
+    assign.scatter_(1, nbr, w)
+    assign[rows, kept] = 1.0 / scale
+    x = enc.tokens.float()
+    tokens = x[kept] / scale[:, None]
+    for slot in range(k):  # k neighbour slots, each one [K, C] gather: no [K, k, C] tensor
+        tokens += w[:, slot, None] * x[nbr[:, slot]]
 
     pruned = ~keep_mask
     if summary_token and bool(pruned.any()):
-        w = torch.where(pruned, a, torch.zeros_like(a))
-        total_w = w.sum()
+        pw = torch.where(pruned, a, torch.zeros_like(a))
+        total_w = pw.sum()
         # all-zero attention on the pruned patches (underflow): fall back to their plain mean
-        w = torch.where(total_w > 0, w, pruned.float())
-        row = w / w.sum()
+        pw = torch.where(total_w > 0, pw, pruned.float())
+        row = pw / pw.sum()
         assign = torch.cat([assign, row[None]])
-        tokens = torch.cat([tokens, (row @ enc.tokens.float())[None]])
+        tokens = torch.cat([tokens, (row @ x)[None]])
         scale = torch.cat([scale, total_w.reshape(1)])
     params = {"plus": plus, "neighbours": neighbours, "attention": attention,
               "summary_token": summary_token}
@@ -347,8 +349,7 @@ def visionzip(
     cols = used.nonzero().flatten()
     counts = torch.bincount(labels[cols], minlength=target).float()
     assign = torch.zeros(target, n, device=device)
-    assign[labels[cols], cols] = 1.0
-    assign = assign / counts[:, None]
+    assign[labels[cols], cols] = 1.0 / counts[labels[cols]]
     sums = torch.zeros(target, enc.dim, device=device).index_add_(
         0, labels[cols], enc.tokens[cols].float())
     tokens = sums / counts[:, None]

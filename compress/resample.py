@@ -158,21 +158,29 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> tuple[tor
 
 
 @functools.lru_cache(maxsize=16)
-def _base_resampler(dim: int, num_latents: int, depth: int, heads: int, seed: int,
-                    structured: bool, device: str) -> PerceiverResampler:
+def _base_resampler(dim: int, depth: int, heads: int, seed: int, structured: bool,
+                    device: str) -> PerceiverResampler:
     """A seeded resampler, built once per configuration and never mutated afterwards.
 
     PyTorch's default init under ``seed``; with ``structured`` the k-means
-    layout (identity q/k, zero residual branches) is applied on top.
-    Callers run it with their own latents through ``functional_call``, or
-    train a deep copy, so one cached module can serve concurrent requests.
+    layout (identity q/k, zero residual branches) is applied on top. Its
+    weights do not depend on the latent count (the latents are supplied per
+    call), so moving the latent slider never rebuilds it. Callers run it with
+    their own latents through ``functional_call``, or train a deep copy, so
+    one cached module can serve concurrent requests.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = PerceiverResampler(dim, num_latents, depth, heads)
+        model = PerceiverResampler(dim, 1, depth, heads)
     if structured:
         model.init_from_centroids(model.latents.detach().clone())
     return model.to(device).requires_grad_(False)
+
+
+def random_latents(num_latents: int, dim: int, seed: int) -> torch.Tensor:
+    """Seeded standard-normal latents [M, D], as Flamingo initialises them."""
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    return torch.randn(num_latents, dim, generator=gen)
 
 
 def _reconstruction_loss(normed: torch.Tensor, out: torch.Tensor, last: torch.Tensor) -> torch.Tensor:
@@ -216,18 +224,17 @@ def resample(
         raise ValueError(f"heads must divide the token width {enc.dim}, got {heads}")
     start = time.perf_counter()
     tokens = enc.tokens.float()
-    base = _base_resampler(enc.dim, num_latents, depth, heads, seed, init != "random",
-                           str(tokens.device))
+    base = _base_resampler(enc.dim, depth, heads, seed, init != "random", str(tokens.device))
     normed = F.layer_norm(tokens, (enc.dim,))
-    latents = base.latents
     if init in ("kmeans", "fit"):
         latents, _ = kmeans(normed, num_latents, seed=seed)
+    else:
+        latents = random_latents(num_latents, enc.dim, seed).to(tokens.device)
     model = base
     losses: list[float] = []
     if init == "fit" and steps:
         model = copy.deepcopy(base).requires_grad_(True)
-        with torch.no_grad():
-            model.latents.copy_(latents)
+        model.latents = nn.Parameter(latents.clone())
         with torch.enable_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             opt = torch.optim.Adam(model.parameters(), lr=lr)

@@ -204,13 +204,6 @@ def test_encode_images_exist_and_have_the_shown_size(session):
     assert gw >= 8 * 84 and gh >= gw  # 64 latents: 8 x 8 tiles plus a title banner
 
 
-def test_encode_again_is_cached(app_url):
-    c = new_client(app_url)
-    encode(c, size=168)
-    again = status_of(encode(c, size=168))
-    assert "cached" in again and "encoded in" not in again
-
-
 # --- merging -------------------------------------------------------------------------------
 
 
@@ -342,6 +335,8 @@ def test_size_224_gives_256_tokens(app_url):
         assert_overlay_size(path, 16, 16)
     with pytest.raises(AppError, match=r"outside the 16 x 16"):
         c.predict("CLS attention", "mean", 0.25, False, "20, 3", api_name="/prune_query")
+    again = status_of(encode(c, size=224))  # same image and setting: no second forward pass
+    assert "cached" in again and "encoded in" not in again
 
 
 def test_keep_aspect_gives_a_landscape_grid(app_url):
@@ -417,3 +412,21 @@ def test_export_resampler_json(client):
     assert doc["params"]["num_latents"] == 16
     latent_of_patch = doc["result"]["latent_of_patch"]
     assert len(latent_of_patch) == 576 and all(0 <= v < 16 for v in latent_of_patch)
+
+
+def test_random_weights_are_labelled_on_screen(app_url):
+    c = new_client(app_url)
+    status = status_of(encode(c, model="vit_small_patch16_224:random", size=112))
+    assert grid_of(status) == (49, 7, 7)  # patch 16 at 112 px
+    assert "RANDOM" in status or "untrained" in status.lower()
+
+
+def test_non_vit_model_is_reported_as_unsupported(app_url):
+    c = new_client(app_url)
+    for name in ("resnet50", "resnet50:random"):
+        with pytest.raises(AppError) as info:
+            encode(c, model=name, size=112)
+        message = str(info.value)
+        assert "ViT" in message, message  # says what is wrong: not a ViT
+        assert "not available" not in message, message  # and does not blame the weights
+        assert "dynamic_img_size" not in message, message  # no internal TypeError text

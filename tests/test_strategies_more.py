@@ -74,10 +74,10 @@ def test_prumerge_keeps_outliers_and_folds_in_attention_weighted_neighbours():
 
 
 def test_prumerge_neighbours_may_be_kept_patches_and_never_itself():
-    # two outliers (.4 each) whose keys are each other's nearest
-    cls = [[0.4, 0.4, 0.05, 0.05, 0.05, 0.05]]
-    keys = [unit(d) for d in (0, 5, 90, 100, 180, 270)]
-    enc = make_encoding(torch.randn(6, 4), grid=(2, 3), keys=keys, cls_attn=cls)
+    # two outliers (.4 each; the six others 1/30: bound .2625) whose keys are each other's nearest
+    cls = [[0.4, 0.4] + [0.2 / 6] * 6]
+    keys = [unit(d) for d in (0, 5, 90, 100, 180, 270, 200, 300)]
+    enc = make_encoding(torch.randn(8, 4), grid=(2, 4), keys=keys, cls_attn=cls)
     out = prumerge(enc, neighbours=1, attention="mean")
     assert out.extra["kept"].tolist() == [0, 1]
     assert out.extra["neighbours"].flatten().tolist() == [1, 0]
@@ -92,7 +92,7 @@ def test_prumerge_without_summary_token_and_without_outliers():
     assert none.num_out == 1
     assert torch.allclose(none.tokens[0], PM_TOKENS.mean(dim=0), atol=1e-5)
     top = prumerge(flat, attention="mean", summary_token=False)  # then the top patch is kept
-    assert top.num_out == 1 and top.kind == "prune"
+    assert top.num_out == 1 and top.extra["kept"].tolist() == [0]  # ties: first patch
 
 
 def test_prumerge_concat_attention_is_one_softmax_over_concatenated_heads():
@@ -352,7 +352,8 @@ def test_cpu_gpu_parity(coffee_enc, name):
     fields = {f.name: getattr(coffee_enc, f.name) for f in dataclasses.fields(coffee_enc)
               if f.name != "_attn_cache"}
     moved = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
-    gpu = dataclasses.replace(coffee_enc, **moved, device=torch.device("cuda"))
+    moved["device"] = torch.device("cuda")
+    gpu = dataclasses.replace(coffee_enc, **moved)
     a = run_at_budget(name, coffee_enc, 64)
     b = run_at_budget(name, gpu, 64)
     assert b.tokens.device.type == "cuda"

@@ -169,7 +169,7 @@ def export_json(enc: Encoding, comp: Compression, stats: dict) -> str:
         "model": enc.model,
         "weights": enc.weights,
         "size": enc.size,
-        "layer": enc.layer,
+        "layer": enc.layer,  # 0-based block index (the app shows block layer + 1)
         "grid": list(enc.grid),
         "patch_size": enc.patch_size,
         "strategy": comp.strategy,

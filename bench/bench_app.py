@@ -1,0 +1,191 @@
+"""Slider-to-new-overlay round trip in a real browser, with the time split.
+
+Starts ``app.py`` on a free loopback port, opens it in the system Chromium
+(Playwright), and for each live slider sets a new value and fires the
+range input's ``input`` event (what dragging does), then waits until the
+overlay ``<img>`` shows a new, fully loaded picture. The split: strategy and
+drawing times are read from the stats line the server wrote for that update;
+image encoding is Gradio's own save of the overlay(s) as JPEG, timed here;
+the rest is transport (queue, HTTP, websocket/SSE, image fetch and decode).
+
+Run: ``make bench-app`` or ``.venv/bin/python bench/bench_app.py [--steps 25]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+        "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+
+def zigzag(lo: float, hi: float, n: int, digits: int = 3) -> list:
+    """Values that jump between the two ends of a range, so every update changes the picture."""
+    out = []
+    for i in range(n):
+        t = i / (2 * n)
+        v = lo + (hi - lo) * t if i % 2 == 0 else hi - (hi - lo) * t
+        out.append(round(v, digits) if digits else int(round(v)))
+    return out
+
+
+# slider id, overlay id, stats id, tab, values to step through, target ms, outputs encoded
+CASES = [
+    ("merge-threshold", "merge-overlay", "merge-stats", "Token merging",
+     zigzag(0.80, 0.97, 40), 150, ("merge",)),
+    ("merge-target", "merge-overlay", "merge-stats", "Token merging",
+     zigzag(40, 400, 40, 0), 150, ("merge",)),
+    ("prune-keep", "prune-overlay", "prune-stats", "Attention pruning",
+     zigzag(0.10, 0.80, 40, 2), 150, ("prune",)),
+    ("resampler-latents", "resampler-overlay", "resampler-stats", "Perceiver Resampler",
+     zigzag(16, 128, 40, 0), 300, ("resampler", "grid", "single")),
+]
+
+STEP_JS = """
+([slider, overlay, value]) => new Promise((resolve, reject) => {
+  const img = () => document.querySelector('#' + overlay + ' img');
+  const old = img().src;
+  const rng = document.querySelector('#' + slider + ' input[type=range]');
+  const t0 = performance.now();
+  rng.value = String(value);
+  rng.dispatchEvent(new Event('input', {bubbles: true}));
+  const limit = t0 + 30000;
+  const check = () => {
+    const e = img();
+    if (e && e.src !== old && e.complete && e.naturalWidth > 0) resolve(performance.now() - t0);
+    else if (performance.now() > limit) reject(new Error('no new overlay within 30 s'));
+    else setTimeout(check, 1);
+  };
+  check();
+})
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_app(port: int) -> subprocess.Popen:
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise SystemExit("the app did not start") from None
+            time.sleep(0.5)
+
+
+def split_from_stats(text: str) -> tuple[float, float]:
+    strategy = float(re.search(r"strategy ([\d.]+) ms", text).group(1))
+    drawing = float(re.search(r"drawing ([\d.]+) ms", text).group(1))
+    return strategy, drawing
+
+
+def jpeg_save_ms(kinds: tuple[str, ...], repeat: int = 15) -> float:
+    """Gradio's own save of this update's overlay(s) to its cache as JPEG, median ms."""
+    from gradio.processing_utils import save_pil_to_cache
+    from PIL import Image
+
+    from compress.cache import shared_encoder
+    from viz.panels import merge_panel, prune_panel, resampler_panel
+
+    enc = shared_encoder().encode(Image.open(ROOT / "assets" / "coffee.jpg"), size=336)
+    images = []
+    if "merge" in kinds:
+        images.append(merge_panel(enc, with_figure=False).overlay)
+    if "prune" in kinds:
+        images.append(prune_panel(enc, with_figure=False).overlay)
+    if "resampler" in kinds:
+        p = resampler_panel(enc, with_figure=False)
+        images += [p.overlay, p.extra_images["grid"], p.extra_images["single"]]
+    times = []
+    with tempfile.TemporaryDirectory() as cache:
+        for i in range(repeat):
+            start = time.perf_counter()
+            for img in images:
+                save_pil_to_cache(img, cache, name=f"image{i}", format="jpeg")
+            times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--pause", type=float, default=0.15, help="seconds between updates")
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    port = free_port()
+    proc = start_app(port)
+    rows = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=os.environ.get("TCE_CHROMIUM", "/usr/bin/chromium"),
+                                        args=ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1100})
+            page.set_default_timeout(60_000)
+            page.goto(f"http://127.0.0.1:{port}/")
+            page.wait_for_function("() => document.querySelector('#merge-stats')?.innerText.includes('→')")
+            for slider, overlay, stats_id, tab, values, target, kinds in CASES:
+                page.get_by_role("tab", name=tab).click()
+                page.wait_for_selector(f"#{overlay} img")
+                totals, strategy, drawing = [], [], []
+                print(f"{slider}...", file=sys.stderr)
+                for value in values[: args.steps + 1]:
+                    ms = page.evaluate(STEP_JS, [slider, overlay, value])
+                    page.wait_for_timeout(60)  # let the stats line land
+                    s, d = split_from_stats(page.inner_text(f"#{stats_id}"))
+                    totals.append(ms)
+                    strategy.append(s)
+                    drawing.append(d)
+                    time.sleep(args.pause)
+                # the first update of each slider warms caches: leave it out
+                totals, strategy, drawing = totals[1:], strategy[1:], drawing[1:]
+                rows.append((slider, totals, statistics.median(strategy), statistics.median(drawing),
+                             kinds, target))
+            browser.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+
+    import torch
+
+    print(f"Slider round trip in Chromium, {args.steps} updates per slider, 576 tokens "
+          f"(coffee.jpg, 336 px, bundled DINOv2 ViT-S/14), CPU with {torch.get_num_threads()} threads")
+    print()
+    print("| slider | median ms | p90 ms | strategy | drawing | JPEG encode | transport + UI "
+          "| target | ok |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :-: |")
+    for slider, totals, s, d, kinds, target in rows:
+        totals = sorted(totals)
+        med = statistics.median(totals)
+        p90 = totals[min(len(totals) - 1, int(0.9 * len(totals)))]
+        enc = jpeg_save_ms(kinds)
+        rest = max(0.0, med - s - d - enc)
+        print(f"| {slider} | {med:.0f} | {p90:.0f} | {s:.1f} | {d:.1f} | {enc:.1f} | {rest:.0f} "
+              f"| < {target} | {'yes' if med < target else 'NO'} |")
+
+
+if __name__ == "__main__":
+    main()
