@@ -44,6 +44,7 @@ MODELS = [
 ]
 DEVICE = os.environ.get("TCE_DEVICE", "auto")
 METHODS = ["adjacent threshold", "ToMe bipartite"]
+OVERLAY_H = 560
 
 TEXT_MERGE = """**What am I looking at?** Each coloured region is one output token: the patches
 inside it were merged into a single token (their mean). *Adjacent threshold* merges neighbouring
@@ -261,7 +262,7 @@ def do_export(session, tab):
 
 
 def build() -> gr.Blocks:
-    with gr.Blocks(title="Token Compression Explorer", analytics_enabled=False,
+    with gr.Blocks(title="Token Compression Explorer", analytics_enabled=False, fill_width=True,
                    delete_cache=(300, 900)) as demo:
         session = gr.State(Session, time_to_live=1800)
         gr.Markdown("# Token Compression Explorer\nSee what visual-token compression does to an "
@@ -290,76 +291,89 @@ def build() -> gr.Blocks:
                 with gr.Tabs():
                     with gr.Tab("Token merging", id="merge"):
                         with gr.Row():
-                            merge_method = gr.Radio(METHODS, value=METHODS[0], label="Method",
-                                                    elem_id="merge-method")
-                            merge_fill = gr.Radio(["mean colour", "distinct colours"],
-                                                  value="mean colour", label="Fill",
-                                                  elem_id="merge-fill")
-                        with gr.Row():
-                            merge_threshold = gr.Slider(0.0, 1.0, value=0.9, step=0.005,
-                                                        label="Threshold (adjacent)",
-                                                        elem_id="merge-threshold")
-                            merge_target = gr.Slider(1, 576, value=144, step=1,
-                                                     label="Target tokens (ToMe)",
-                                                     elem_id="merge-target")
-                        merge_stats = gr.Markdown(elem_id="merge-stats")
-                        merge_overlay = gr.Image(label="Merged clusters", format="jpeg",
-                                                 interactive=False, elem_id="merge-overlay")
+                            with gr.Column(scale=3, min_width=420):
+                                merge_overlay = gr.Image(label="Merged clusters", format="jpeg",
+                                                         interactive=False, height=OVERLAY_H,
+                                                         elem_id="merge-overlay")
+                            with gr.Column(scale=2, min_width=300):
+                                merge_method = gr.Radio(METHODS, value=METHODS[0], label="Method",
+                                                        elem_id="merge-method")
+                                merge_threshold = gr.Slider(0.0, 1.0, value=0.9, step=0.005,
+                                                            label="Threshold (adjacent)",
+                                                            elem_id="merge-threshold")
+                                merge_target = gr.Slider(1, 576, value=144, step=1,
+                                                         label="Target tokens (ToMe)",
+                                                         elem_id="merge-target")
+                                merge_fill = gr.Radio(["mean colour", "distinct colours"],
+                                                      value="mean colour", label="Fill",
+                                                      elem_id="merge-fill")
+                                merge_stats = gr.Markdown(elem_id="merge-stats")
+                                gr.Markdown(TEXT_MERGE)
                         merge_plot = gr.Plot(label="Similarities", elem_id="merge-plot")
-                        gr.Markdown(TEXT_MERGE)
-                        merge_export = gr.Button("Export PNG + JSON", size="sm")
-                        merge_files = gr.File(label="Export", file_count="multiple", height=90)
+                        with gr.Row():
+                            merge_export = gr.Button("Export PNG + JSON", size="sm", scale=1)
+                            merge_files = gr.File(label="Export", file_count="multiple",
+                                                  height=90, scale=3)
                     with gr.Tab("Attention pruning", id="prune"):
                         with gr.Row():
-                            prune_score = gr.Radio(
-                                ["CLS attention", "attention received", "query (click image)"],
-                                value="CLS attention", label="Score", elem_id="prune-score")
-                            prune_head = gr.Dropdown(["mean"], value="mean", label="Head",
-                                                     elem_id="prune-head")
-                            prune_heat = gr.Checkbox(False, label="Score heatmap",
-                                                     elem_id="prune-heatmap")
-                        prune_query = gr.Textbox(label="Query patch (row, col), or click",
-                                                 placeholder="e.g. 12, 8 then Enter", max_lines=1,
-                                                 elem_id="prune-query")
-                        prune_keep = gr.Slider(0.0, 1.0, value=0.25, step=0.01, label="Keep ratio",
-                                               elem_id="prune-keep")
-                        prune_stats = gr.Markdown(elem_id="prune-stats")
-                        prune_overlay = gr.Image(label="Kept patches (click to set the query)",
-                                                 format="jpeg", interactive=False,
-                                                 elem_id="prune-overlay")
+                            with gr.Column(scale=3, min_width=420):
+                                prune_overlay = gr.Image(label="Kept patches (click to set the query)",
+                                                         format="jpeg", interactive=False,
+                                                         height=OVERLAY_H, elem_id="prune-overlay")
+                            with gr.Column(scale=2, min_width=300):
+                                prune_score = gr.Radio(
+                                    ["CLS attention", "attention received", "query (click image)"],
+                                    value="CLS attention", label="Score", elem_id="prune-score")
+                                with gr.Row():
+                                    prune_head = gr.Dropdown(["mean"], value="mean", label="Head",
+                                                             elem_id="prune-head")
+                                    prune_heat = gr.Checkbox(False, label="Score heatmap",
+                                                             elem_id="prune-heatmap")
+                                prune_keep = gr.Slider(0.0, 1.0, value=0.25, step=0.01,
+                                                       label="Keep ratio", elem_id="prune-keep")
+                                prune_query = gr.Textbox(label="Query patch (row, col), or click",
+                                                         placeholder="e.g. 12, 8 then Enter",
+                                                         max_lines=1, elem_id="prune-query")
+                                prune_stats = gr.Markdown(elem_id="prune-stats")
+                                gr.Markdown(TEXT_PRUNE)
                         prune_plot = gr.Plot(label="Scores", elem_id="prune-plot")
-                        gr.Markdown(TEXT_PRUNE)
-                        prune_export = gr.Button("Export PNG + JSON", size="sm")
-                        prune_files = gr.File(label="Export", file_count="multiple", height=90)
+                        with gr.Row():
+                            prune_export = gr.Button("Export PNG + JSON", size="sm", scale=1)
+                            prune_files = gr.File(label="Export", file_count="multiple",
+                                                  height=90, scale=3)
                     with gr.Tab("Perceiver Resampler", id="resampler"):
                         with gr.Row():
-                            res_latents = gr.Slider(1, 256, value=64, step=1, label="Latents",
-                                                    elem_id="resampler-latents")
-                            res_depth = gr.Slider(1, 6, value=2, step=1, label="Depth",
-                                                  elem_id="resampler-depth")
-                        with gr.Row():
-                            res_init = gr.Radio(["kmeans", "random", "fit"], value="kmeans",
-                                                label="Initialisation", elem_id="resampler-init")
-                            res_fit = gr.Button("Fit on this image (a few seconds)", size="sm",
-                                                elem_id="resampler-fit")
-                        res_stats = gr.Markdown(elem_id="resampler-stats")
-                        with gr.Row():
-                            res_overlay = gr.Image(label="Patch -> strongest latent", format="jpeg",
-                                                   interactive=False, elem_id="resampler-overlay")
-                            with gr.Column():
-                                res_selected = gr.Slider(0, 255, value=0, step=1,
+                            with gr.Column(scale=3, min_width=420):
+                                res_overlay = gr.Image(label="Patch -> strongest latent",
+                                                       format="jpeg", interactive=False,
+                                                       height=OVERLAY_H,
+                                                       elem_id="resampler-overlay")
+                            with gr.Column(scale=2, min_width=300):
+                                res_latents = gr.Slider(1, 576, value=64, step=1, label="Latents",
+                                                        elem_id="resampler-latents")
+                                res_depth = gr.Slider(1, 6, value=2, step=1, label="Depth",
+                                                      elem_id="resampler-depth")
+                                res_init = gr.Radio(["kmeans", "random", "fit"], value="kmeans",
+                                                    label="Initialisation",
+                                                    elem_id="resampler-init")
+                                res_fit = gr.Button("Fit on this image (a few seconds)", size="sm",
+                                                    elem_id="resampler-fit")
+                                res_stats = gr.Markdown(elem_id="resampler-stats")
+                                res_selected = gr.Slider(0, 575, value=0, step=1,
                                                          label="Latent to show large",
                                                          elem_id="resampler-selected")
                                 res_single = gr.Image(label="Selected latent's attention",
-                                                      format="jpeg", interactive=False,
+                                                      format="jpeg", interactive=False, height=260,
                                                       elem_id="resampler-single")
+                        gr.Markdown(TEXT_RESAMPLER)
                         res_grid = gr.Image(label="Every latent's attention (small multiples)",
                                             format="jpeg", interactive=False,
                                             elem_id="resampler-grid")
                         res_plot = gr.Plot(label="Latents", elem_id="resampler-plot")
-                        gr.Markdown(TEXT_RESAMPLER)
-                        res_export = gr.Button("Export PNG + JSON", size="sm")
-                        res_files = gr.File(label="Export", file_count="multiple", height=90)
+                        with gr.Row():
+                            res_export = gr.Button("Export PNG + JSON", size="sm", scale=1)
+                            res_files = gr.File(label="Export", file_count="multiple",
+                                                height=90, scale=3)
 
         # --- events -----------------------------------------------------------------------
         live = {"trigger_mode": "always_last", "show_progress": "hidden"}

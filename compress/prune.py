@@ -169,13 +169,15 @@ def prumerge(
     1. Score every patch by its CLS attention (``attention``, see below) and
        keep the IQR outliers: patches whose score is above Q3 + 1.5 IQR. The
        count adapts to the image; it is never fixed by a budget.
-    2. PruMerge+ only: add spatially uniform samples, ``plus_ratio`` times as
-       many as there are outliers (the code's stride ``int(int(N / n) / 3)``
-       gives about 3n; the paper's 32 -> ~144 tokens on LLaVA-1.5), at raster
+    2. PruMerge+ only: add S = ceil(``plus_ratio`` * n) spatially uniform
+       samples for n outliers (the code's raster stride ``int(int(N / n) / 3)``
+       gives about 3n: with ~32 outliers of 576 that is ~128 tokens, the
+       paper's ~25% for PruMerge+ against ~5.5% for PruMerge), at raster
        positions floor((i + 1/2) N / S) -- exactly the code's positions when
        N is a multiple of 3n (576 patches, 32 outliers: 3, 9, ..., 573) but
-       without its integer truncation, which for n > N/6 shrinks the stride to
-       1 and keeps every patch. Samples that are already outliers are dropped.
+       without its integer truncation, under which the stride falls to 1 (keep
+       everything from the start offset on) for n > N/6 and to 0 (an error)
+       for n > N/3. Samples that are already outliers are dropped.
     3. Merge: for each kept patch i, take its ``neighbours`` (32 in the code)
        most key-similar other patches -- kept or pruned, by cosine of the
        layer's keys concatenated over heads (the code's ``k_proj`` output) --
@@ -291,7 +293,8 @@ def visionzip(
 ) -> Compression:
     """VisionZip (Yang et al., 2024, arXiv:2412.04467): dominant + contextual tokens.
 
-    The rule, as the official ``visionzip`` package runs it:
+    The rule, as the authors' ``visionzip`` package runs it (read in its
+    ``clip_encoder.py`` / ``utils.py``):
 
     - D = round(``dominant_ratio`` * ``target``) **dominant** tokens: the
       patches with the highest CLS attention summed over heads (ties: grid
@@ -367,21 +370,20 @@ def visionzip(
 # --- DivPrune (Alvar et al., CVPR 2025) ---------------------------------------------------
 
 
-def nearest_other_similarity(unit: torch.Tensor, block: int = 512) -> torch.Tensor:
-    """For each row of ``unit`` [N, D] (unit vectors), its highest cosine to another row, [N].
+def cosine_gram(unit: torch.Tensor, block: int = 512) -> torch.Tensor:
+    """The cosine matrix [N, N] of the rows of ``unit`` (unit vectors), exactly symmetric.
 
-    Computes only the upper block-triangle of the Gram matrix (it is
-    symmetric), so N = 4096 costs about half a full N x N product.
+    Only the upper block-triangle is multiplied (the lower one is its
+    transpose), about half the work of ``unit @ unit.T``: N = 4096 is 64 MB.
     """
     n = unit.shape[0]
-    best = torch.full((n,), -math.inf, device=unit.device)
+    gram = torch.empty(n, n, device=unit.device, dtype=unit.dtype)
     for i0 in range(0, n, block):
-        blk = unit[i0:i0 + block] @ unit[i0:].T  # rows i0.., columns i0..
-        r = torch.arange(blk.shape[0], device=unit.device)
-        blk[r, r] = -math.inf  # the diagonal: a row is not its own neighbour
-        best[i0:i0 + block] = torch.maximum(best[i0:i0 + block], blk.amax(dim=1))
-        best[i0:] = torch.maximum(best[i0:], blk.amax(dim=0))
-    return best
+        i1 = min(i0 + block, n)
+        blk = unit[i0:i1] @ unit[i0:].T  # rows i0..i1, columns i0..
+        gram[i0:i1, i0:] = blk
+        gram[i1:, i0:i1] = blk[:, i1 - i0:].T
+    return gram
 
 
 def divprune(enc: Encoding, target: int) -> Compression:
@@ -410,22 +412,21 @@ def divprune(enc: Encoding, target: int) -> Compression:
     unit = F.normalize(enc.tokens.float(), dim=-1)
     device = unit.device
     # Maximising the min distance 1 - cos is minimising the max cosine: work with cosines.
-    if n > 1:
-        first_sim = nearest_other_similarity(unit)
-    else:
-        first_sim = torch.ones(1, device=device)
+    gram = cosine_gram(unit)
+    gram.fill_diagonal_(-math.inf)  # a patch is not its own neighbour
+    first_sim = gram.amax(dim=1) if n > 1 else torch.ones(1, device=device)
     order = torch.empty(target, dtype=torch.long, device=device)
     best_sim = torch.empty(target, device=device)
     idx = first_sim.argmin()
     order[0] = idx
     best_sim[0] = first_sim[idx]
-    max_sim = unit @ unit[idx]
-    max_sim[idx] = math.inf
+    max_sim = gram[idx].clone()
+    max_sim[idx] = math.inf  # picked: never again
     for i in range(1, target):
         idx = max_sim.argmin()
         order[i] = idx
         best_sim[i] = max_sim[idx]
-        max_sim = torch.maximum(max_sim, unit @ unit[idx])
+        max_sim = torch.maximum(max_sim, gram[idx])
         max_sim[idx] = math.inf
     kept = order.sort().values
     return Compression(

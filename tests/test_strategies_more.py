@@ -359,3 +359,12 @@ def test_cpu_gpu_parity(coffee_enc, name):
     assert b.tokens.device.type == "cuda"
     assert a.num_out == b.num_out
     assert torch.allclose(a.assign, b.assign.cpu(), atol=1e-4)
+
+
+def test_cosine_gram_is_the_full_symmetric_product():
+    from compress.prune import cosine_gram
+
+    unit_rows = F.normalize(torch.randn(10, 4), dim=-1)
+    gram = cosine_gram(unit_rows, block=3)  # blocks that do not divide N
+    assert torch.allclose(gram, unit_rows @ unit_rows.T, atol=1e-6)
+    assert torch.equal(gram, gram.T)
