@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup setup-test run demo test bench lint chromium clean
+.PHONY: setup setup-test run demo test bench bench-app lint chromium clean
 
 setup: $(STAMP)
 
@@ -39,6 +39,9 @@ test: setup-test
 
 bench: setup-test
 	$(PY) bench/bench_core.py
+
+bench-app: setup-test
+	$(PY) bench/bench_app.py
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
