@@ -19,15 +19,24 @@ from pathlib import Path  # noqa: E402
 
 import gradio as gr  # noqa: E402
 
-from compress import BUNDLED_NAME, WeightsUnavailable, device_label  # noqa: E402
+from compress import (  # noqa: E402
+    BUNDLED_NAME,
+    STRATEGIES,
+    WeightsUnavailable,
+    device_label,
+)
 from compress.cache import EncodingCache, image_digest, shared_encoder  # noqa: E402
 from viz.panels import (  # noqa: E402
     Panel,
+    compare_panel,
     export_json,
+    features_panel,
     merge_panel,
     prune_panel,
     resampler_panel,
     resampler_title,
+    seed_claims,
+    strategy_panel,
 )
 
 ROOT = Path(__file__).resolve().parent
@@ -65,6 +74,25 @@ token. Each patch is coloured by the latent that attends to it most; the small m
 latent's attention. No vision-language model is loaded, so the resampler is **untrained**:
 *k-means* starts the latents at token cluster centres (the maps then show clusters), *random*
 shows the raw mechanism, *fit* trains it on this image for a few seconds."""
+
+
+SEED_FOUR = ("merge_threshold", "merge_bipartite", "prune_attention", "resample")
+MORE = {STRATEGIES[k].label: k for k in STRATEGIES if k not in SEED_FOUR}
+TEXT_MORE = """**What am I looking at?** The methods people compare against, at a token budget M.
+The picture follows the form of each result: clusters for merging (pooling, VisionZip's contextual
+groups), outlined kept patches for selection (DivPrune, random keep), and for PruMerge each patch
+coloured by the kept token that absorbed it. PruMerge picks its own M from the image (CLS-attention
+outliers), so the budget slider does not move it."""
+TEXT_COMPARE = """**Every strategy at the same budget M**, on this image: overlays, numbers, and fidelity
+against M for all of them (computed once per image). Random keep is the floor every method must
+beat. Fidelity: mean cosine of each patch token to the output that represents it best."""
+TEXT_FEATURES = """**What the strategies see.** *PCA*: the first three principal components of the patch
+tokens as red, green, blue - similar tokens share a colour, so this is what merging groups.
+*Token norms*: artefact tokens with a very high norm (DINOv2 without registers) attract CLS
+attention and so steer attention pruning; after the final LayerNorm norms are evened out, so pick an
+earlier block to see them. *Neighbour similarity*: how alike each patch is to its neighbours -
+threshold merging eats bright regions first. *CLS attention per head*: heads disagree; pruning uses
+their mean or the one you pick."""
 
 
 class Session:
@@ -168,7 +196,8 @@ def do_fit(session, latents, depth, selected, progress=gr.Progress()):  # noqa: 
     return do_resample(session, latents, depth, "fit", selected, True, progress)
 
 
-def do_encode(session, image, model, size, layer, keep_aspect, merge_args, prune_args, res_args):
+def do_encode(session, image, model, size, layer, keep_aspect, merge_args, prune_args, res_args,
+              more_args, compare_args):
     if session is None:
         session = Session()
     if image is None:
@@ -191,6 +220,11 @@ def do_encode(session, image, model, size, layer, keep_aspect, merge_args, prune
     prune_out = do_prune(session, *prune_args)
     res_args = (min(int(res_args[0]), n), *res_args[1:])
     res_out = do_resample(session, *res_args)
+    more_args = (more_args[0], min(int(more_args[1]), n), *more_args[2:])
+    more_out = do_more(session, *more_args)
+    compare_budget = min(int(compare_args[0]), n)
+    compare_out = do_compare(session, compare_budget, with_figure=False)
+    features_out = do_features(session)
     return [
         session,
         _status(enc, encoder, cached),
@@ -198,8 +232,51 @@ def do_encode(session, image, model, size, layer, keep_aspect, merge_args, prune
         gr.update(maximum=n, value=min(int(merge_args[2]), n)),
         gr.update(choices=heads, value=prune_args[1] if prune_args[1] in heads else "mean"),
         gr.update(maximum=max(n, 2), value=min(int(res_args[0]), n)),
-        *merge_out, *prune_out, *res_out,
+        gr.update(maximum=n, value=more_args[1]),
+        gr.update(maximum=n, value=compare_budget),
+        *merge_out, *prune_out, *res_out, *more_out, *compare_out, *features_out,
+        _claims_md(enc),
     ]
+
+
+def do_more(session, label, budget, dominant, seed):
+    enc = _need(session)
+    name = MORE.get(label)
+    if name is None:
+        raise gr.Error(f"unknown strategy {label!r}; choose one of: {', '.join(MORE)}")
+    p = strategy_panel(enc, name, int(budget), dominant_ratio=float(dominant), seed=int(seed))
+    session.panels["more"] = p
+    extra = f" · {STRATEGIES[name].source}"
+    if STRATEGIES[name].adaptive:
+        extra += " · M chosen by the rule (budget ignored)"
+    return [p.overlay, _stats_md(p, extra)]
+
+
+def _claims_md(enc) -> str:
+    rows = seed_claims(enc)
+    lines = ["| the seed claims | setting | on this image | holds? |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['claim']} | {r['setting']} | {r['here']} | {r['holds']} |" for r in rows]
+    return "\n".join(lines)
+
+
+def do_compare(session, budget, with_figure=True):
+    enc = _need(session)
+    p = compare_panel(enc, int(budget), with_figure=with_figure)
+    session.panels["compare"] = p
+    rows = [[r[0], r[1], r[2], r[3], "n/a" if r[4] is None else round(r[4], 3), r[5]]
+            for r in p.stats["rows"]]
+    table = gr.update(value=rows, headers=p.stats["columns"])
+    note = (f"budget M = {p.stats['budget']} of N = {p.stats['N']} · all strategies in "
+            f"{p.extra_images['total_ms']:.0f} ms")
+    out = [p.overlay, table, note]
+    return out + [p.figure] if with_figure else out
+
+
+def do_features(session):
+    enc = _need(session)
+    f = features_panel(enc)
+    im = f["images"]
+    return [im["pca"], im["norms"], im["neighbours"], im["heads"], f["text"]]
 
 
 def do_click(session, score, head, keep, heatmap, evt: gr.SelectData):
@@ -310,10 +387,9 @@ def build() -> gr.Blocks:
                                 merge_stats = gr.Markdown(elem_id="merge-stats")
                                 gr.Markdown(TEXT_MERGE)
                         merge_plot = gr.Plot(label="Similarities", elem_id="merge-plot")
-                        with gr.Row():
-                            merge_export = gr.Button("Export PNG + JSON", size="sm", scale=1)
-                            merge_files = gr.File(label="Export", file_count="multiple",
-                                                  height=90, scale=3)
+                        with gr.Accordion("Export: overlay PNG + result JSON", open=False):
+                            merge_export = gr.Button("Export", size="sm")
+                            merge_files = gr.File(label="Files", file_count="multiple")
                     with gr.Tab("Attention pruning", id="prune"):
                         with gr.Row():
                             with gr.Column(scale=3, min_width=420):
@@ -337,10 +413,9 @@ def build() -> gr.Blocks:
                                 prune_stats = gr.Markdown(elem_id="prune-stats")
                                 gr.Markdown(TEXT_PRUNE)
                         prune_plot = gr.Plot(label="Scores", elem_id="prune-plot")
-                        with gr.Row():
-                            prune_export = gr.Button("Export PNG + JSON", size="sm", scale=1)
-                            prune_files = gr.File(label="Export", file_count="multiple",
-                                                  height=90, scale=3)
+                        with gr.Accordion("Export: overlay PNG + result JSON", open=False):
+                            prune_export = gr.Button("Export", size="sm")
+                            prune_files = gr.File(label="Files", file_count="multiple")
                     with gr.Tab("Perceiver Resampler", id="resampler"):
                         with gr.Row():
                             with gr.Column(scale=3, min_width=420):
@@ -370,10 +445,56 @@ def build() -> gr.Blocks:
                                             format="jpeg", interactive=False,
                                             elem_id="resampler-grid")
                         res_plot = gr.Plot(label="Latents", elem_id="resampler-plot")
+                        with gr.Accordion("Export: overlay PNG + result JSON", open=False):
+                            res_export = gr.Button("Export", size="sm")
+                            res_files = gr.File(label="Files", file_count="multiple")
+                    with gr.Tab("More strategies", id="more"):
                         with gr.Row():
-                            res_export = gr.Button("Export PNG + JSON", size="sm", scale=1)
-                            res_files = gr.File(label="Export", file_count="multiple",
-                                                height=90, scale=3)
+                            with gr.Column(scale=3, min_width=420):
+                                more_overlay = gr.Image(label="Result", format="jpeg",
+                                                        interactive=False, height=OVERLAY_H,
+                                                        elem_id="more-overlay")
+                            with gr.Column(scale=2, min_width=300):
+                                more_strategy = gr.Radio(list(MORE), value=list(MORE)[2],
+                                                         label="Strategy", elem_id="more-strategy")
+                                more_budget = gr.Slider(1, 576, value=64, step=1,
+                                                        label="Token budget M",
+                                                        elem_id="more-budget")
+                                more_dominant = gr.Slider(0.0, 1.0, value=54 / 64, step=0.01,
+                                                          label="VisionZip: dominant share of M",
+                                                          elem_id="more-dominant")
+                                more_seed = gr.Number(0, precision=0, label="Random keep: seed",
+                                                      elem_id="more-seed")
+                                more_stats = gr.Markdown(elem_id="more-stats")
+                                gr.Markdown(TEXT_MORE)
+                        with gr.Accordion("Export: overlay PNG + result JSON", open=False):
+                            more_export = gr.Button("Export", size="sm")
+                            more_files = gr.File(label="Files", file_count="multiple")
+                    with gr.Tab("Compare", id="compare"):
+                        with gr.Row():
+                            compare_budget = gr.Slider(1, 576, value=64, step=1,
+                                                       label="Token budget M (every strategy)",
+                                                       elem_id="compare-budget", scale=3)
+                            compare_note = gr.Markdown(elem_id="compare-note")
+                        compare_grid = gr.Image(label="Every strategy at M", format="jpeg",
+                                                interactive=False, elem_id="compare-grid")
+                        compare_table = gr.Dataframe(label="Numbers", interactive=False,
+                                                     elem_id="compare-table")
+                        compare_plot = gr.Plot(label="Fidelity against M", elem_id="compare-plot")
+                        gr.Markdown(TEXT_COMPARE)
+                        compare_claims = gr.Markdown(elem_id="seed-claims")
+                    with gr.Tab("Features", id="features"):
+                        features_text = gr.Markdown(elem_id="features-text")
+                        with gr.Row():
+                            feat_pca = gr.Image(label="PCA of tokens as RGB", format="jpeg",
+                                                interactive=False, elem_id="features-pca")
+                            feat_norms = gr.Image(label="Token norms", format="jpeg",
+                                                  interactive=False, elem_id="features-norms")
+                            feat_nb = gr.Image(label="Neighbour cosine similarity", format="jpeg",
+                                               interactive=False, elem_id="features-neighbours")
+                        feat_heads = gr.Image(label="CLS attention per head", format="jpeg",
+                                              interactive=False, elem_id="features-heads")
+                        gr.Markdown(TEXT_FEATURES)
 
         # --- events -----------------------------------------------------------------------
         live = {"trigger_mode": "always_last", "show_progress": "hidden"}
@@ -432,27 +553,54 @@ def build() -> gr.Blocks:
         on(res_fit.click, do_fit, [session, res_latents, res_depth, res_selected],
            res_live + [res_plot], "fit", concurrency_id="heavy", concurrency_limit=1)
 
+        more_in = [session, more_strategy, more_budget, more_dominant, more_seed]
+        more_out = [more_overlay, more_stats]
+        on(more_budget.input, do_more, more_in, more_out, "more_live", **live)
+        for ctl in (more_strategy, more_dominant):
+            on(ctl.input, do_more, more_in, more_out, "more", **live)
+        on(more_dominant.release, do_more, more_in, more_out, **live)
+        on(more_seed.submit, do_more, more_in, more_out, **live)
+
+        compare_out = [compare_grid, compare_table, compare_note]
+        on(compare_budget.input, lambda s_, b: do_compare(s_, b, with_figure=False),
+           [session, compare_budget], compare_out, "compare_live", **live)
+        on(compare_budget.release, do_compare, [session, compare_budget],
+           compare_out + [compare_plot], "compare", **live)
+        features_out = [feat_pca, feat_norms, feat_nb, feat_heads, features_text]
+
         enc_in = [session, image, model, size, layer, keep_aspect] + merge_in[1:] + prune_in[1:] \
-            + res_in[1:]
-        enc_out = [session, status, layer, merge_target, prune_head, res_latents,
-                   *merge_live, merge_plot, *prune_live, prune_plot, *res_live, res_plot]
+            + res_in[1:] + more_in[1:] + [compare_budget]
+        enc_out = [session, status, layer, merge_target, prune_head, res_latents, more_budget,
+                   compare_budget, *merge_live, merge_plot, *prune_live, prune_plot, *res_live,
+                   res_plot, *more_out, *compare_out, *features_out, compare_claims]
 
         def encode_all(session, image, model, size, layer, keep_aspect, m1, m2, m3, m4,
-                       p1, p2, p3, p4, r1, r2, r3, r4):
+                       p1, p2, p3, p4, r1, r2, r3, r4, x1, x2, x3, x4, c1):
             return do_encode(session, image, model, size, layer, keep_aspect,
-                             (m1, m2, m3, m4), (p1, p2, p3, p4), (r1, r2, r3, r4))
+                             (m1, m2, m3, m4), (p1, p2, p3, p4), (r1, r2, r3, r4),
+                             (x1, x2, x3, x4), (c1,))
+
+        def compare_curve(session, budget):
+            return do_compare(session, budget)[-1]
 
         heavy = {"concurrency_id": "heavy", "concurrency_limit": 2, "trigger_mode": "always_last"}
-        on(image.change, encode_all, enc_in, enc_out, "encode", **heavy)
+        curve = {"api_visibility": "undocumented", "show_progress": "hidden",
+                 "concurrency_id": "heavy", "concurrency_limit": 2}
+        on(image.change, encode_all, enc_in, enc_out, "encode", **heavy).then(
+            compare_curve, [session, compare_budget], compare_plot, **curve)
         for trigger in (model.change, size.release, layer.release, keep_aspect.change):
-            on(trigger, encode_all, enc_in, enc_out, **heavy)
+            on(trigger, encode_all, enc_in, enc_out, **heavy).then(
+                compare_curve, [session, compare_budget], compare_plot, **curve)
         llava.click(lambda: (336, False), None, [size, keep_aspect], api_visibility="private").then(
-            encode_all, enc_in, enc_out, api_visibility="undocumented", **heavy)
-        demo.load(encode_all, enc_in, enc_out, api_visibility="undocumented", **heavy)
+            encode_all, enc_in, enc_out, api_visibility="undocumented", **heavy).then(
+            compare_curve, [session, compare_budget], compare_plot, **curve)
+        demo.load(encode_all, enc_in, enc_out, api_visibility="undocumented", **heavy).then(
+            compare_curve, [session, compare_budget], compare_plot, **curve)
 
         for button, files, tab in ((merge_export, merge_files, "merge"),
                                    (prune_export, prune_files, "prune"),
-                                   (res_export, res_files, "resampler")):
+                                   (res_export, res_files, "resampler"),
+                                   (more_export, more_files, "more")):
             on(button.click, lambda s, tab=tab: do_export(s, tab), [session], files,
                f"export_{tab}")
     demo.queue(default_concurrency_limit=8, max_size=128)

@@ -140,3 +140,40 @@ def run_at_budget(name: str, enc: Encoding, budget: int) -> Compression:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
     budget = check_int("budget", budget, 1, enc.num_patches)
     return STRATEGIES[name].at_budget(enc, budget)
+
+
+def sweep_budgets(n: int, count: int = 10) -> list[int]:
+    """About ``count`` budgets from 1/36 of N to N/2, log-spaced, unique."""
+    import math
+
+    lo, hi = max(1, n // 36), max(2, n // 2)
+    vals = {round(math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * i / (count - 1)))
+            for i in range(count)}
+    return sorted(v for v in vals if 1 <= v <= n)
+
+
+def fidelity_sweep(enc: Encoding, budgets: list[int] | None = None,
+                   names: list[str] | None = None) -> dict[str, list[tuple[int, float]]]:
+    """Fidelity against the actual output count M for every strategy over a sweep of budgets.
+
+    Returns {strategy name: [(M, fidelity), ...]} sorted by M. Adaptive
+    strategies give one point (their rule picks M). Cached on the encoding.
+    """
+    from .metrics import fidelity
+
+    budgets = budgets or sweep_budgets(enc.num_patches)
+    names = names or list(STRATEGIES)
+    key = ("fidelity_sweep", tuple(budgets), tuple(names))
+    cache = enc._attn_cache
+    if key in cache:
+        return cache[key]
+    out: dict[str, list[tuple[int, float]]] = {}
+    for name in names:
+        strategy = STRATEGIES[name]
+        points = {}
+        for b in budgets[:1] if strategy.adaptive else budgets:
+            comp = strategy.at_budget(enc, b)
+            points[comp.num_out] = fidelity(enc, comp)
+        out[name] = sorted(points.items())
+    cache[key] = out
+    return out

@@ -27,6 +27,7 @@ DISPLAY = 672  # longest side of every overlay the UI shows
 MERGE = ("adjacent threshold", 0.9, 144, "mean colour")  # method, threshold, target, fill
 PRUNE = ("CLS attention", "mean", 0.25, False)  # score, head, keep ratio, heatmap
 RES = (64, 2, "kmeans", 0)  # latents, depth, init, selected latent
+MORE = ("DivPrune", 64, 54 / 64, 0)
 STATS = re.compile(r"^### (\d+) → (\d+) tokens")
 STATUS_GRID = re.compile(r"(\d+) tokens \((\d+) x (\d+) patches")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -41,9 +42,9 @@ def new_client(url: str) -> Client:
 
 def encode(client: Client, image: str = "coffee.jpg", model: str = "dinov2-s14",
            size: int = 336, layer: int = 12, keep_aspect: bool = False,
-           merge=MERGE, prune=PRUNE, res=RES) -> tuple:
+           merge=MERGE, prune=PRUNE, res=RES, more=MORE, compare=(64,)) -> tuple:
     return client.predict(handle_file(str(ASSETS / image)), model, size, layer, keep_aspect,
-                          *merge, *prune, *res, api_name="/encode")
+                          *merge, *prune, *res, *more, *compare, api_name="/encode")
 
 
 def stats_of(out) -> list[str]:

@@ -646,7 +646,7 @@ def draw_compression(
     """
     assign = to_numpy(comp.assign)
     kind = assign_kind(assign)
-    if kind == "prune" and str(getattr(comp, "strategy", "")).startswith("merge"):
+    if kind == "prune" and str(getattr(comp, "strategy", "")).startswith(("merge", "pool")):
         kind = "merge"
     if kind == "merge":
         # Compression.labels(): the output that draws most on a patch, -1 where none does.

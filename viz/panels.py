@@ -178,3 +178,160 @@ def export_json(enc: Encoding, comp: Compression, stats: dict) -> str:
         "result": result,
     }
     return json.dumps(doc, indent=1)
+
+
+# --- every strategy at one budget ---------------------------------------------------------
+
+COMPARE_COLS = 5
+COMPARE_CELL = 240
+SHORT = {"merge_threshold": "Threshold merge", "merge_bipartite": "ToMe",
+         "prune_attention": "CLS prune", "resample": "Resampler", "prumerge": "PruMerge",
+         "prumerge_plus": "PruMerge+", "visionzip": "VisionZip", "divprune": "DivPrune",
+         "pool": "Pooling", "random_keep": "Random keep"}
+
+
+def strategy_panel(enc: Encoding, name: str, budget: int, display: int = DEFAULT_DISPLAY,
+                   dominant_ratio: float | None = None, seed: int = 0) -> Panel:
+    """Any registered strategy at about ``budget`` tokens, drawn by the form of its ``assign``.
+
+    ``dominant_ratio`` (VisionZip's split between dominant and contextual
+    tokens) and ``seed`` (random keep) reach the strategies that have them.
+    """
+    from compress import STRATEGIES, random_keep, run_at_budget, visionzip
+
+    from .overlay import draw_compression
+
+    t0 = time.perf_counter()
+    budget = min(max(1, int(budget)), enc.num_patches)
+    if name == "visionzip" and dominant_ratio is not None:
+        score = "cls" if enc.cls_attn is not None else "received"
+        comp = visionzip(enc, budget, dominant_ratio=float(dominant_ratio), score=score)
+    elif name == "random_keep":
+        comp = random_keep(enc, budget, seed=int(seed))
+    else:
+        comp = run_at_budget(name, enc, budget)
+    t1 = time.perf_counter()
+    overlay = draw_compression(enc, comp, display=display)
+    t2 = time.perf_counter()
+    stats = _stats(enc, comp, (t1 - t0) * 1e3)
+    stats["label"] = STRATEGIES[name].label
+    stats["adaptive"] = STRATEGIES[name].adaptive
+    return Panel(overlay, comp, stats, None, strategy_ms=(t1 - t0) * 1e3, draw_ms=(t2 - t1) * 1e3)
+
+
+def compare_panel(enc: Encoding, budget: int, with_figure: bool = True) -> Panel:
+    """Every strategy at ``budget`` tokens: a labelled grid of overlays, a table, the curve.
+
+    ``stats["rows"]`` holds one row per strategy: label, M, ratio, fidelity,
+    attention kept, ms. The fidelity-vs-M sweep is computed once per encoding.
+    """
+    from compress import STRATEGIES
+    from compress.registry import fidelity_sweep
+
+    from .compare import fidelity_plot, tile_grid
+
+    t0 = time.perf_counter()
+    budget = min(max(1, int(budget)), enc.num_patches)
+    tiles, rows, strategy_ms, draw_ms = [], [], 0.0, 0.0
+    comps = {}
+    for name, strategy in STRATEGIES.items():
+        p = strategy_panel(enc, name, budget, display=COMPARE_CELL)
+        comps[name] = p.comp
+        s = p.stats
+        label = strategy.label
+        tiles.append((f"{SHORT.get(name, name)}  M={s['M']}", p.overlay))
+        rows.append([label, s["M"], round(s["ratio"], 2), round(s["fidelity"], 4),
+                     s["attention_mass_kept"], round(p.strategy_ms, 1)])
+        strategy_ms += p.strategy_ms
+        draw_ms += p.draw_ms
+    t1 = time.perf_counter()
+    grid_img = tile_grid(tiles, cols=COMPARE_COLS, cell=COMPARE_CELL)
+    figure = None
+    if with_figure:
+        curves = fidelity_sweep(enc)
+        labels = {k: v.label for k, v in STRATEGIES.items()}
+        figure = fidelity_plot(curves, labels, budget, enc.num_patches)
+    t2 = time.perf_counter()
+    stats = {"budget": budget, "N": enc.num_patches, "rows": rows,
+             "columns": ["strategy", "M", "ratio", "fidelity", "attention kept", "ms"]}
+    comp = next(iter(comps.values()))
+    panel = Panel(grid_img, comp, stats, figure, strategy_ms=strategy_ms,
+                  draw_ms=(t2 - t1) * 1e3 + draw_ms)
+    panel.extra_images["comps"] = comps
+    panel.extra_images["total_ms"] = (t2 - t0) * 1e3
+    return panel
+
+
+# --- the seed's claims, on this image -----------------------------------------------------
+
+def seed_claims(enc: Encoding) -> list[dict]:
+    """The seed document's three claims, run with its own settings on this image.
+
+    Returns rows: claim, setting, what this image gives, and whether the
+    claim holds here. Honest numbers, whatever they are.
+    """
+    n = enc.num_patches
+    rows = []
+    r = resample(enc, 64, init="kmeans")
+    s = summary(enc, r)
+    rows.append({
+        "claim": "Perceiver Resampler: 576 -> 64 tokens (9x)",
+        "setting": "64 latents, k-means init (untrained)",
+        "here": f"{n} -> {s['M']} ({s['ratio']:.1f}x), fidelity {s['fidelity']:.3f}",
+        "holds": "yes (by construction)" if n == 576 else f"{s['ratio']:.1f}x: this image has {n} tokens",
+    })
+    m = merge_threshold(enc, 0.9)
+    fewer = 1 - m.num_out / n
+    rows.append({
+        "claim": "Token merging at cosine 0.9: 20-40% fewer tokens, training-free",
+        "setting": "adjacent threshold 0.9, 4-neighbour",
+        "here": f"{n} -> {m.num_out} ({fewer:.0%} fewer), fidelity {summary(enc, m)['fidelity']:.3f}",
+        "holds": "yes" if 0.2 <= fewer <= 0.4 else ("more than claimed" if fewer > 0.4 else
+                                                   "less than claimed"),
+    })
+    for ratio in (0.5, 0.25):
+        p = prune_attention(enc, ratio) if enc.cls_attn is not None else prune_attention(
+            enc, ratio, score="received")
+        sp = summary(enc, p)
+        kept = sp["attention_mass_kept"]
+        rows.append({
+            "claim": "Attention pruning: 2-4x, query-dependent",
+            "setting": f"keep {ratio:.0%} by CLS attention ({1 / ratio:.0f}x)",
+            "here": (f"{n} -> {sp['M']}, fidelity {sp['fidelity']:.3f}"
+                     + ("" if kept is None else f", keeps {kept:.0%} of CLS attention")),
+            "holds": "ratio yes; loss shown by fidelity",
+        })
+    return rows
+
+
+# --- what the strategies see ----------------------------------------------------------------
+
+def features_panel(enc: Encoding, display: int = 448) -> dict:
+    """PCA-as-RGB, token norms, neighbour similarity map and per-head CLS attention, as images."""
+    from compress.features import neighbour_similarity_map, pca_rgb, token_norms
+
+    from .compare import patch_rgb_overlay
+
+    norms = token_norms(enc.tokens)
+    images = {
+        "pca": patch_rgb_overlay(enc.image, enc.grid, pca_rgb(enc.tokens), display=display),
+        "norms": heatmap_overlay(enc.image, enc.grid, norms, cmap="viridis", display=display),
+        "neighbours": heatmap_overlay(enc.image, enc.grid, neighbour_similarity_map(enc),
+                                      cmap="magma", display=display),
+    }
+    if enc.cls_attn is not None:
+        images["heads"] = heatmap_grid(enc.image, enc.grid, enc.cls_attn, cols=min(6, enc.num_heads),
+                                       cell=150, title="CLS attention, one map per head")
+    else:
+        images["heads"] = None
+    top = norms.topk(min(5, norms.numel()))
+    gw = enc.grid[1]
+    hi = ", ".join(f"({i // gw}, {i % gw}): {v:.0f}" for v, i in zip(top.values.tolist(),
+                                                                     top.indices.tolist(), strict=True))
+    median = float(norms.median())
+    outliers = int((norms > 2 * median).sum())
+    text = (f"Token norm median {median:.1f}; highest (row, col): {hi}. "
+            f"{outliers} patch(es) have more than twice the median norm"
+            + (" - high-norm artefact tokens that attract CLS attention in DINOv2 without registers."
+               if outliers else "."))
+    return {"images": images, "text": text}
