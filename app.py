@@ -196,8 +196,9 @@ def do_fit(session, latents, depth, selected, progress=gr.Progress()):  # noqa: 
     return do_resample(session, latents, depth, "fit", selected, True, progress)
 
 
-def do_encode(session, image, model, size, layer, keep_aspect, merge_args, prune_args, res_args,
-              more_args, compare_args):
+def encode_only(session, image, model, size, layer, keep_aspect, merge_args, prune_args,
+                res_args, more_args, compare_args):
+    """Encode (or fetch from the session cache); returns session, status and control updates."""
     if session is None:
         session = Session()
     if image is None:
@@ -216,15 +217,6 @@ def do_encode(session, image, model, size, layer, keep_aspect, merge_args, prune
         session.enc = enc
     n = enc.num_patches
     heads = ["mean"] + [str(h) for h in range(enc.num_heads)]
-    merge_out = do_merge(session, *merge_args)
-    prune_out = do_prune(session, *prune_args)
-    res_args = (min(int(res_args[0]), n), *res_args[1:])
-    res_out = do_resample(session, *res_args)
-    more_args = (more_args[0], min(int(more_args[1]), n), *more_args[2:])
-    more_out = do_more(session, *more_args)
-    compare_budget = min(int(compare_args[0]), n)
-    compare_out = do_compare(session, compare_budget, with_figure=False)
-    features_out = do_features(session)
     return [
         session,
         _status(enc, encoder, cached),
@@ -232,11 +224,31 @@ def do_encode(session, image, model, size, layer, keep_aspect, merge_args, prune
         gr.update(maximum=n, value=min(int(merge_args[2]), n)),
         gr.update(choices=heads, value=prune_args[1] if prune_args[1] in heads else "mean"),
         gr.update(maximum=max(n, 2), value=min(int(res_args[0]), n)),
-        gr.update(maximum=n, value=more_args[1]),
-        gr.update(maximum=n, value=compare_budget),
-        *merge_out, *prune_out, *res_out, *more_out, *compare_out, *features_out,
-        _claims_md(enc),
+        gr.update(maximum=n, value=min(int(more_args[1]), n)),
+        gr.update(maximum=n, value=min(int(compare_args[0]), n)),
     ]
+
+
+def render_all(session, merge_args, prune_args, res_args, more_args, compare_args):
+    """Every tab for the current encoding, with the controls' values at this moment."""
+    enc = _need(session)
+    n = enc.num_patches
+    merge_out = do_merge(session, *merge_args)
+    prune_out = do_prune(session, *prune_args)
+    res_out = do_resample(session, min(int(res_args[0]), n), *res_args[1:])
+    more_out = do_more(session, more_args[0], min(int(more_args[1]), n), *more_args[2:])
+    compare_out = do_compare(session, min(int(compare_args[0]), n), with_figure=False)
+    features_out = do_features(session)
+    return [*merge_out, *prune_out, *res_out, *more_out, *compare_out, *features_out,
+            _claims_md(enc)]
+
+
+def do_encode(session, image, model, size, layer, keep_aspect, merge_args, prune_args, res_args,
+              more_args, compare_args):
+    """Encode and render every tab in one call (the API's /encode)."""
+    head = encode_only(session, image, model, size, layer, keep_aspect, merge_args, prune_args,
+                       res_args, more_args, compare_args)
+    return head + render_all(head[0], merge_args, prune_args, res_args, more_args, compare_args)
 
 
 def do_more(session, label, budget, dominant, seed):
@@ -265,7 +277,7 @@ def do_compare(session, budget, with_figure=True):
     session.panels["compare"] = p
     rows = [[r[0], r[1], r[2], r[3], "n/a" if r[4] is None else round(r[4], 3), r[5]]
             for r in p.stats["rows"]]
-    table = gr.update(value=rows, headers=p.stats["columns"])
+    table = {"headers": p.stats["columns"], "data": rows}
     note = (f"budget M = {p.stats['budget']} of N = {p.stats['N']} · all strategies in "
             f"{p.extra_images['total_ms']:.0f} ms")
     out = [p.overlay, table, note]
@@ -568,34 +580,49 @@ def build() -> gr.Blocks:
            compare_out + [compare_plot], "compare", **live)
         features_out = [feat_pca, feat_norms, feat_nb, feat_heads, features_text]
 
-        enc_in = [session, image, model, size, layer, keep_aspect] + merge_in[1:] + prune_in[1:] \
-            + res_in[1:] + more_in[1:] + [compare_budget]
-        enc_out = [session, status, layer, merge_target, prune_head, res_latents, more_budget,
-                   compare_budget, *merge_live, merge_plot, *prune_live, prune_plot, *res_live,
-                   res_plot, *more_out, *compare_out, *features_out, compare_claims]
+        tab_in = merge_in[1:] + prune_in[1:] + res_in[1:] + more_in[1:] + [compare_budget]
+        enc_in = [session, image, model, size, layer, keep_aspect] + tab_in
+        head_out = [session, status, layer, merge_target, prune_head, res_latents, more_budget,
+                    compare_budget]
+        tabs_out = [*merge_live, merge_plot, *prune_live, prune_plot, *res_live, res_plot,
+                    *more_out, *compare_out, *features_out, compare_claims]
 
-        def encode_all(session, image, model, size, layer, keep_aspect, m1, m2, m3, m4,
-                       p1, p2, p3, p4, r1, r2, r3, r4, x1, x2, x3, x4, c1):
-            return do_encode(session, image, model, size, layer, keep_aspect,
-                             (m1, m2, m3, m4), (p1, p2, p3, p4), (r1, r2, r3, r4),
-                             (x1, x2, x3, x4), (c1,))
+        def split(args):
+            m, p, r, x, c = args[:4], args[4:8], args[8:12], args[12:16], args[16:17]
+            return m, p, r, x, c
+
+        def encode_head(session, image, model, size, layer, keep_aspect, *rest):
+            return encode_only(session, image, model, size, layer, keep_aspect, *split(rest))
+
+        def render(session, *rest):
+            return render_all(session, *split(rest))
+
+        def encode_api(session, image, model, size, layer, keep_aspect, *rest):
+            return do_encode(session, image, model, size, layer, keep_aspect, *split(rest))
 
         def compare_curve(session, budget):
             return do_compare(session, budget)[-1]
 
         heavy = {"concurrency_id": "heavy", "concurrency_limit": 2, "trigger_mode": "always_last"}
-        curve = {"api_visibility": "undocumented", "show_progress": "hidden",
-                 "concurrency_id": "heavy", "concurrency_limit": 2}
-        on(image.change, encode_all, enc_in, enc_out, "encode", **heavy).then(
-            compare_curve, [session, compare_budget], compare_plot, **curve)
-        for trigger in (model.change, size.release, layer.release, keep_aspect.change):
-            on(trigger, encode_all, enc_in, enc_out, **heavy).then(
-                compare_curve, [session, compare_budget], compare_plot, **curve)
-        llava.click(lambda: (336, False), None, [size, keep_aspect], api_visibility="private").then(
-            encode_all, enc_in, enc_out, api_visibility="undocumented", **heavy).then(
-            compare_curve, [session, compare_budget], compare_plot, **curve)
-        demo.load(encode_all, enc_in, enc_out, api_visibility="undocumented", **heavy).then(
-            compare_curve, [session, compare_budget], compare_plot, **curve)
+        quiet = {"api_visibility": "undocumented", "show_progress": "hidden"}
+
+        def chain(event):
+            # Encode first; then draw every tab with the controls' values as they are *then*
+            # (a slider moved during the encode is not overwritten by stale values); then the
+            # compare curve, the slowest picture, last.
+            return event.then(render, [session] + tab_in, tabs_out, **quiet).then(
+                compare_curve, [session, compare_budget], compare_plot, **quiet)
+
+        for trigger in (image.change, model.change, size.release, layer.release,
+                        keep_aspect.change):
+            chain(trigger(encode_head, enc_in, head_out, api_visibility="undocumented", **heavy))
+        chain(llava.click(lambda: (336, False), None, [size, keep_aspect],
+                          api_visibility="private").then(
+            encode_head, enc_in, head_out, api_visibility="undocumented", **heavy))
+        chain(demo.load(encode_head, enc_in, head_out, api_visibility="undocumented", **heavy))
+        # API-only: encode and render everything in one call
+        api_encode = gr.Button(visible=False)
+        api_encode.click(encode_api, enc_in, head_out + tabs_out, api_name="encode", **heavy)
 
         for button, files, tab in ((merge_export, merge_files, "merge"),
                                    (prune_export, prune_files, "prune"),

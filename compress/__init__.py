@@ -11,6 +11,7 @@ Every strategy returns a ``Compression`` (output ``tokens`` [M, C] and
 """
 
 from .encoder import Encoder, device_label, resolve_device
+from .images import ImageError, load_image
 from .merge import merge_bipartite, merge_threshold, pool
 from .metrics import attention_mass_kept, fidelity, summary
 from .prune import (
@@ -32,6 +33,7 @@ __all__ = [
     "Compression",
     "Encoder",
     "Encoding",
+    "ImageError",
     "PerceiverResampler",
     "STRATEGIES",
     "Strategy",
@@ -39,6 +41,7 @@ __all__ = [
     "attention_mass_kept",
     "attention_scores",
     "fidelity",
+    "load_image",
     "kmeans",
     "resample",
     "summary",

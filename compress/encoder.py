@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import contextlib
+import copy
+import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
 import numpy as np
 import torch
+from PIL import Image
 
 from ._checks import check_choice, check_int
 from .images import grid_for, to_rgb
@@ -21,6 +26,10 @@ from .weights import (
     hub_offline,
     split_random,
 )
+
+T = TypeVar("T")
+MAX_SIZE = 2048  # px: a 146 x 146 grid (21k tokens) at patch 14; beyond that one encode can take minutes
+OOM_NOTICE = "GPU out of memory: encoded on the CPU instead"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -50,6 +59,40 @@ def device_label(device: torch.device) -> str:
     if device.type == "mps":
         return "Apple GPU (MPS)"
     return "CPU"
+
+
+def run_with_cpu_fallback(on_device: Callable[[], T], on_cpu: Callable[[], T],
+                          on_gpu: bool) -> tuple[T, str]:
+    """(``on_device()``, "") -- or, when that runs a CUDA GPU out of memory, (``on_cpu()``, notice).
+
+    Only ``torch.cuda.OutOfMemoryError`` on a GPU (``on_gpu``) is retried;
+    any other error, and an out-of-memory error on the CPU, propagates. The
+    failed attempt's exception (and the GPU tensors its traceback holds) is
+    dropped and the CUDA cache emptied before the CPU run.
+    """
+    try:
+        return on_device(), ""
+    except torch.cuda.OutOfMemoryError:
+        if not on_gpu:
+            raise
+    # Outside the except block: the traceback (and its frames' GPU tensors) is gone now.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return on_cpu(), OOM_NOTICE
+
+
+def cpu_copy(net: torch.nn.Module) -> torch.nn.Module:
+    """A copy of ``net`` on the CPU, made without allocating anything on the GPU.
+
+    ``copy.deepcopy`` would first copy every parameter on its own device; a
+    memo that maps each parameter and buffer to its CPU copy avoids that.
+    """
+    memo: dict[int, object] = {}
+    for p in net.parameters():
+        memo[id(p)] = torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
+    for b in net.buffers():
+        memo[id(b)] = b.detach().to("cpu", copy=True)
+    return copy.deepcopy(net, memo).cpu()
 
 
 def _not_a_vit(name: str) -> ValueError:
@@ -141,7 +184,9 @@ class Encoder:
         self.depth = len(net.blocks)
         self.num_prefix = int(net.num_prefix_tokens)
         self.has_cls = getattr(net, "cls_token", None) is not None
-        self._pos_cache: dict[tuple[int, int], torch.Tensor] = {}
+        self._pos_cache: dict[tuple[str, int, int], torch.Tensor] = {}
+        self._cpu_net: torch.nn.Module | None = None  # made on the first GPU out-of-memory
+        self._cpu_lock = threading.Lock()
 
     def _check_supported(self, net) -> None:
         blocks = getattr(net, "blocks", None)
@@ -159,29 +204,38 @@ class Encoder:
         layer = check_int("layer", layer, -self.depth, self.depth - 1)
         return layer % self.depth
 
-    def preprocess(self, image, size: int = 336, keep_aspect: bool = False):
-        """(resized RGB image, normalised pixels [1, 3, H, W], grid (gh, gw))."""
+    def _resize(self, image, size: int, keep_aspect: bool) -> tuple[Image.Image, tuple[int, int]]:
+        """(the RGB image resized onto the patch grid, grid (gh, gw))."""
+        size = check_int("size", size, 1, MAX_SIZE)
         rgb = to_rgb(image)
         gh, gw = grid_for(rgb.width, rgb.height, size, self.patch_size, keep_aspect)
-        resized = rgb.resize((gw * self.patch_size, gh * self.patch_size), resample=3)  # bicubic
-        arr = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).to(self.device)
-        pixels = (arr / 255.0 - self.mean) / self.std
-        return resized, pixels.permute(2, 0, 1).unsqueeze(0), (gh, gw)
+        return rgb.resize((gw * self.patch_size, gh * self.patch_size), resample=3), (gh, gw)  # bicubic
 
-    def _pos_embed(self, x: torch.Tensor) -> torch.Tensor:
+    def _pixels(self, resized: Image.Image, device: torch.device) -> torch.Tensor:
+        """Normalised pixels [1, 3, H, W] on ``device``."""
+        arr = torch.from_numpy(np.asarray(resized, dtype=np.float32).copy()).to(device)
+        pixels = (arr / 255.0 - self.mean.to(device)) / self.std.to(device)
+        return pixels.permute(2, 0, 1).unsqueeze(0)
+
+    def preprocess(self, image, size: int = 336, keep_aspect: bool = False):
+        """(resized RGB image, normalised pixels [1, 3, H, W], grid (gh, gw))."""
+        resized, grid = self._resize(image, size, keep_aspect)
+        return resized, self._pixels(resized, self.device), grid
+
+    def _pos_embed(self, net, x: torch.Tensor) -> torch.Tensor:
         """Add the position embedding, resampled to this grid, and the prefix tokens."""
         from timm.layers import resample_abs_pos_embed
 
-        net = self.net
         b, h, w, c = x.shape
-        pos = self._pos_cache.get((h, w))
+        key = (str(x.device), h, w)
+        pos = self._pos_cache.get(key)
         if pos is None:
             pos = resample_abs_pos_embed(
                 net.pos_embed, new_size=(h, w), old_size=net.patch_embed.grid_size,
                 num_prefix_tokens=0 if net.no_embed_class else self.num_prefix,
                 antialias=self._pos_antialias,
             )
-            self._pos_cache[(h, w)] = pos
+            self._pos_cache[key] = pos
         x = x.reshape(b, h * w, c)
         prefix = [t.expand(b, -1, -1) for t in (net.cls_token, getattr(net, "reg_token", None))
                   if t is not None]
@@ -189,20 +243,21 @@ class Encoder:
             return torch.cat(prefix + [x + pos], dim=1)
         return torch.cat(prefix + [x], dim=1) + pos
 
-    @torch.no_grad()
-    def encode(self, image, size: int = 336, layer: int = -1, keep_aspect: bool = False) -> Encoding:
-        """Encode ``image`` at ``size`` px and read tokens and attention at ``layer``.
+    def _on_gpu(self) -> bool:
+        """Whether an out-of-memory error is worth a retry on the CPU (tests fake a GPU here)."""
+        return self.device.type == "cuda"
 
-        ``tokens`` are the output of block ``layer``; for the last block the
-        model's final norm is applied (timm's ``forward_features``). ``q``/``k``
-        are recomputed exactly from that block's own qkv projection (and q/k
-        norms) on the block's attention input, captured with a forward hook,
-        because timm's fused attention never materialises the attention map.
-        """
-        index = self.resolve_layer(layer)
-        start = time.perf_counter()
-        resized, pixels, grid = self.preprocess(image, size, keep_aspect)
-        net = self.net
+    def cpu_net(self) -> torch.nn.Module:
+        """A copy of the model on the CPU for out-of-memory retries, made on first use and kept."""
+        with self._cpu_lock:
+            if self._cpu_net is None:
+                self._cpu_net = cpu_copy(self.net).eval()
+            return self._cpu_net
+
+    def _forward(self, net, resized: Image.Image, grid: tuple[int, int], index: int,
+                 device: torch.device) -> dict:
+        """Run ``net`` on ``device`` up to block ``index``; tokens, q, k, CLS attention, scale."""
+        pixels = self._pixels(resized, device)
         block = net.blocks[index]
         captured: dict[str, torch.Tensor] = {}
         hook = block.attn.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
@@ -210,7 +265,7 @@ class Encoder:
             x = net.patch_embed(pixels)
             if x.ndim == 3:  # patch embed without NHWC output: restore the grid
                 x = x.reshape(1, grid[0], grid[1], -1)
-            x = self._pos_embed(x)
+            x = self._pos_embed(net, x)
             x = net.norm_pre(x)
             for blk in net.blocks[: index + 1]:
                 x = blk(x)
@@ -224,18 +279,46 @@ class Encoder:
         qkv = attn.qkv(captured["x"]).reshape(t, 3, heads, -1).permute(1, 2, 0, 3)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
         scale = float(getattr(attn, "scale", q.shape[-1] ** -0.5))
-        p = self.num_prefix
         x = x[0].float()
         cls_attn = None
         if self.has_cls:
             logits = (q[:, :1].float() * scale) @ k.float().transpose(-1, -2)
-            cls_attn = logits.softmax(-1)[:, 0, p:]
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+            cls_attn = logits.softmax(-1)[:, 0, self.num_prefix:]
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return {"x": x, "q": q.float().contiguous(), "k": k.float().contiguous(),
+                "cls_attn": cls_attn, "scale": scale, "device": device}
+
+    @torch.no_grad()
+    def encode(self, image, size: int = 336, layer: int = -1, keep_aspect: bool = False) -> Encoding:
+        """Encode ``image`` at ``size`` px and read tokens and attention at ``layer``.
+
+        ``tokens`` are the output of block ``layer``; for the last block the
+        model's final norm is applied (timm's ``forward_features``). ``q``/``k``
+        are recomputed exactly from that block's own qkv projection (and q/k
+        norms) on the block's attention input, captured with a forward hook,
+        because timm's fused attention never materialises the attention map.
+        ``size`` is at most ``MAX_SIZE`` px. If a GPU runs out of memory the
+        image is encoded on the CPU instead: the ``Encoding`` is then on the
+        CPU and its ``notice`` says so.
+        """
+        index = self.resolve_layer(layer)
+        size = check_int("size", size, 1, MAX_SIZE)
+        start = time.perf_counter()
+        resized, grid = self._resize(image, size, keep_aspect)
+        cpu = torch.device("cpu")
+        out, notice = run_with_cpu_fallback(
+            lambda: self._forward(self.net, resized, grid, index, self.device),
+            lambda: self._forward(self.cpu_net(), resized, grid, index, cpu),
+            self._on_gpu(),
+        )
+        p = self.num_prefix
+        x = out["x"]
         return Encoding(
             image=resized, grid=grid, patch_size=self.patch_size,
             tokens=x[p:].contiguous(), prefix=x[:p].contiguous(),
-            q=q.float().contiguous(), k=k.float().contiguous(), cls_attn=cls_attn,
-            device=self.device, encode_ms=(time.perf_counter() - start) * 1e3,
-            model=self.name, layer=index, size=size, weights=self.weights_info.kind, scale=scale,
+            q=out["q"], k=out["k"], cls_attn=out["cls_attn"],
+            device=out["device"], encode_ms=(time.perf_counter() - start) * 1e3,
+            model=self.name, layer=index, size=size, weights=self.weights_info.kind,
+            scale=out["scale"], notice=notice,
         )

@@ -40,6 +40,7 @@ class Encoding:
     size: int = 0
     weights: str = ""
     scale: float = 0.0  # the attention scale of the layer (1/sqrt(d) for ViTs)
+    notice: str = ""  # what the user should know about how it was made, e.g. a GPU fallback
     _attn_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
 
     @property

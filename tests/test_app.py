@@ -184,22 +184,31 @@ def test_encode_updates_the_dependent_controls(session):
 def test_encode_every_tab_shows_576_in(session):
     _, out = session
     found = stats_of(out)
-    assert len(found) == 3, found  # merge, prune, resampler
+    assert len(found) == 4, found  # merge, prune, resampler, more strategies
     assert all(s.startswith("### 576 →") for s in found)
-    merge, prune, res = (counts(s)[1] for s in found)
+    merge, prune, res, more = (counts(s)[1] for s in found)
     assert 1 <= merge < 576
     assert prune == 144  # keep 0.25 of 576
     assert res == 64
+    assert more == 64 and "DivPrune" in found[3]
     assert "UNTRAINED" in found[2]
+    claims = [o for o in out if isinstance(o, str) and o.startswith("| the seed claims")]
+    assert len(claims) == 1 and "576 -> 64 (9.0x)" in claims[0]
 
 
 def test_encode_images_exist_and_have_the_shown_size(session):
     _, out = session
     imgs = images_of(out)
-    assert len(imgs) == 5, imgs  # merge, prune, resampler overlays; latent grid; one latent
-    merge, prune, res, grid, single = imgs
-    for path in (merge, prune, res):
+    # merge, prune, resampler overlays; latent grid; one latent; more-strategies overlay;
+    # compare grid; features: PCA, norms, neighbour similarity, CLS heads
+    assert len(imgs) == 11, imgs
+    merge, prune, res, grid, single, more, compare, pca, norms, nb, heads = imgs
+    for path in (merge, prune, res, more):
         assert_overlay_size(path, 24, 24)
+    for path in (pca, norms, nb):
+        assert_overlay_size(path, 24, 24, 448)
+    cw, ch = size_of(compare)
+    assert cw > ch  # 10 strategies in 2 rows of 5 tiles
     assert_overlay_size(single, 24, 24, DISPLAY // 2)
     gw, gh = size_of(grid)
     assert gw >= 8 * 84 and gh >= gw  # 64 latents: 8 x 8 tiles plus a title banner
@@ -431,3 +440,33 @@ def test_non_vit_model_is_reported_as_unsupported(app_url):
         assert "ViT" in message, message  # says what is wrong: not a ViT
         assert "not available" not in message, message  # and does not blame the weights
         assert "dynamic_img_size" not in message, message  # no internal TypeError text
+
+
+# --- more strategies and the compare view -----------------------------------------------
+
+
+def test_more_strategies_follow_the_budget(client):
+    a = client.predict("DivPrune", 32, 0.84, 0, api_name="/more")
+    b = client.predict("DivPrune", 100, 0.84, 0, api_name="/more")
+    assert counts(one_stats(a)) == (576, 32) and counts(one_stats(b)) == (576, 100)
+    assert differ(images_of(a)[0], images_of(b)[0])
+    adaptive = client.predict("PruMerge (adaptive)", 32, 0.84, 0, api_name="/more")
+    assert "budget ignored" in one_stats(adaptive)
+    s1 = client.predict("Random keep", 50, 0.84, 1, api_name="/more")
+    s2 = client.predict("Random keep", 50, 0.84, 2, api_name="/more")
+    assert differ(images_of(s1)[0], images_of(s2)[0])  # the seed reaches the strategy
+
+
+def test_compare_runs_every_strategy_at_the_budget(client):
+    out = client.predict(32, api_name="/compare")
+    grid, table, note = out[0], out[1], out[2]
+    rows = table["data"]
+    assert len(rows) == 10
+    by_name = {r[0]: r for r in rows}
+    for name in ("ToMe bipartite merging", "DivPrune", "Random keep", "VisionZip"):
+        assert by_name[name][1] == 32
+    assert 0 < float(by_name["ToMe bipartite merging"][3]) <= 1
+    assert "M = 32 of N = 576" in note
+    other = client.predict(100, api_name="/compare_live")
+    assert differ(grid, other[0])
+    assert other[1]["data"] != rows

@@ -13,6 +13,7 @@ import re
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import ASSETS, ROOT
 
@@ -64,6 +65,25 @@ def wait_changed(page, elem_id: str, old_src: str, stats_id: str | None = None, 
             arg=[stats_id, old_stats])
 
 
+def settle(page, *elem_ids: str, quiet_ms: int = 1200, timeout_s: float = 30) -> None:
+    """Wait until the given elements' text and images stop changing (late events landed)."""
+    import time
+
+    def snapshot():
+        return [page.inner_text(f"#{e}") + (page.eval_on_selector(f"#{e} img", "i => i.src")
+                                            if page.query_selector(f"#{e} img") else "")
+                for e in elem_ids]
+
+    last, since, deadline = snapshot(), time.time(), time.time() + timeout_s
+    while time.time() < deadline:
+        page.wait_for_timeout(200)
+        now = snapshot()
+        if now != last:
+            last, since = now, time.time()
+        elif (time.time() - since) * 1000 >= quiet_ms:
+            return
+
+
 def drag(page, elem_id: str, fraction: float) -> None:
     """Drag a slider's thumb with the mouse to ``fraction`` of its track (input + release)."""
     rng = page.locator(f"#{elem_id} input[type=range]")
@@ -95,6 +115,7 @@ def test_upload_and_move_every_slider(page):
         old, stats = src(page, "merge-overlay"), text(page, "merge-stats")
         drag(page, elem, frac)
         wait_changed(page, "merge-overlay", old, "merge-stats", stats)
+        settle(page, "merge-overlay", "merge-stats")  # the release event's full update lands last
         assert tokens_out(text(page, "merge-stats")) != tokens_out(stats) or elem == "merge-target"
     assert page.locator("#merge-method input[value='ToMe bipartite']").is_checked()
     page.screenshot(path=str(ARTIFACTS / "merge.png"), full_page=True)
@@ -136,3 +157,55 @@ def test_click_sets_the_query_patch(page):
     assert abs(r1 - round(0.25 * 24)) <= 1 and abs(c1 - round(0.2 * 24)) <= 1
     assert page.locator("#prune-score input[value='query (click image)']").is_checked()
     page.screenshot(path=str(ARTIFACTS / "prune-query.png"), full_page=True)
+
+
+FETCH_JS = """async (src) => {
+  const bytes = new Uint8Array(await (await fetch(src)).arrayBuffer());
+  let s = ''; for (const b of bytes) s += String.fromCharCode(b); return btoa(s);
+}"""
+
+
+def fetch_image(page, elem_id: str):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    data = base64.b64decode(page.evaluate(FETCH_JS, src(page, elem_id)))
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
+
+
+def test_compare_budget_changes_every_tile_and_the_table(page):
+    from compress import STRATEGIES
+    from viz.compare import tile_box
+    from viz.panels import COMPARE_CELL, COMPARE_COLS
+
+    page.get_by_role("tab", name="Compare").click()
+    page.wait_for_selector("#compare-grid img")
+    page.wait_for_function("() => document.querySelector('#compare-table')?.innerText.includes('DivPrune')")
+    old_src, old_table = src(page, "compare-grid"), text(page, "compare-table")
+    before = fetch_image(page, "compare-grid")
+    drag(page, "compare-budget", 0.35)
+    wait_changed(page, "compare-grid", old_src, "compare-table", old_table)
+    after = fetch_image(page, "compare-grid")
+    assert before.shape == after.shape
+    for i, (name, strategy) in enumerate(STRATEGIES.items()):
+        x0, y0, x1, y1 = tile_box(i, COMPARE_COLS, COMPARE_CELL)
+        diff = np.abs(before[y0:y1, x0:x1] - after[y0:y1, x0:x1]).mean()
+        if strategy.adaptive:  # PruMerge picks its own M: the budget does not move it
+            assert diff < 0.3, (name, diff)
+        else:
+            assert diff > 0.6, f"{name}'s tile did not change ({diff:.2f})"
+    assert text(page, "compare-table") != old_table
+    page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
+
+
+def test_features_tab_shows_its_maps(page):
+    page.get_by_role("tab", name="Features").click()
+    for elem in ("features-pca", "features-norms", "features-neighbours", "features-heads"):
+        page.wait_for_function(
+            "(id) => { const e = document.querySelector('#' + id + ' img');"
+            " return e && e.complete && e.naturalWidth > 100; }", arg=elem)
+    assert "Token norm median" in text(page, "features-text")
+    page.screenshot(path=str(ARTIFACTS / "features.png"), full_page=True)

@@ -1,0 +1,334 @@
+"""A bounded load test of the real app: many concurrent sessions on loopback, then a table.
+
+Starts ``app.py`` on a free port of 127.0.0.1 (never another interface, never
+a share link), then runs ``--sessions`` ``gradio_client`` sessions at once,
+one thread each. Every session uploads its own photo through ``/encode``
+(the bundled photos, plus flipped, rotated and resized copies made in a
+temporary folder so that no two sessions share an image), then sends slider
+updates (``/merge_live``, ``/prune_live``, ``/resample_live``, values swept
+within the sliders' limits) for ``--seconds``, pausing ``--pause`` s between
+updates as a dragging hand does. Every loop is bounded in count and in time;
+every request has a timeout. Meanwhile the server's resident memory is
+sampled every 0.5 s from ``/proc/<pid>/status``.
+
+Prints a Markdown table: requests served, errors (by message), median and
+p95 latency per endpoint, and the server's memory (after start-up, peak
+sampled, the kernel's high-water mark, at the end).
+
+Run: ``.venv/bin/python bench/load_test.py [--sessions 16] [--seconds 60]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import itertools
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+HOST = "127.0.0.1"  # loopback only, by design
+MERGE_METHODS = ("adjacent threshold", "ToMe bipartite")
+STATUS_GRID = re.compile(r"(\d+) tokens \((\d+) x (\d+) patches")  # the status line after /encode
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def make_photos(count: int, folder: Path) -> list[Path]:
+    """``count`` distinct JPEGs: the bundled photos, then flipped / rotated / resized copies."""
+    from PIL import Image, ImageOps
+
+    sources = sorted((ROOT / "assets").glob("*.jpg"))
+    variants = [
+        ("orig", lambda im: im),
+        ("mirror", ImageOps.mirror),
+        ("flip", ImageOps.flip),
+        ("rot180-small", lambda im: im.rotate(180).resize((im.width * 3 // 4, im.height * 3 // 4))),
+        ("mirror-small", lambda im: ImageOps.mirror(im).resize((im.width // 2, im.height // 2))),
+        ("crop", lambda im: im.crop((im.width // 8, im.height // 8, im.width, im.height))),
+    ]
+    photos = []
+    for i in range(count):
+        src = sources[i % len(sources)]
+        name, fn = variants[(i // len(sources)) % len(variants)]
+        rnd = i // (len(sources) * len(variants))  # beyond 30 sessions: shrink a little more
+        image = fn(Image.open(src).convert("RGB"))
+        if rnd:
+            image = image.resize((max(8, image.width - 8 * rnd), max(8, image.height - 8 * rnd)))
+        path = folder / f"{i:02d}-{src.stem}-{name}.jpg"
+        image.save(path, quality=90)
+        photos.append(path)
+    return photos
+
+
+def start_app(port: int, log: Path) -> subprocess.Popen:
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
+           "GRADIO_SERVER_NAME": HOST}
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--host", HOST, "--port", str(port)],
+                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+    deadline = time.time() + 180
+    while True:
+        try:
+            urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=2)
+            return proc
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise SystemExit(f"the app did not start; log:\n{log.read_text()[-3000:]}") from None
+            time.sleep(0.5)
+
+
+def rss_kib(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (peak) of ``pid`` in KiB, from /proc."""
+    out = {}
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                out[key] = int(value.split()[0])
+    return out
+
+
+class MemorySampler(threading.Thread):
+    """Samples the server's VmRSS every ``period`` seconds until stopped."""
+
+    def __init__(self, pid: int, period: float = 0.5):
+        super().__init__(daemon=True)
+        self.pid, self.period = pid, period
+        self.stop = threading.Event()
+        self.samples: list[int] = []
+
+    def run(self) -> None:
+        while not self.stop.wait(self.period):
+            try:
+                self.samples.append(rss_kib(self.pid)["VmRSS"])
+            except (OSError, KeyError):
+                return
+
+
+class Stats:
+    """Latencies and errors per endpoint, shared by all session threads."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.ms: dict[str, list[float]] = collections.defaultdict(list)
+        self.errors: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+    def ok(self, endpoint: str, ms: float) -> None:
+        with self.lock:
+            self.ms[endpoint].append(ms)
+
+    def error(self, endpoint: str, exc: BaseException) -> None:
+        text = " ".join(f"{type(exc).__name__}: {exc}".split())[:160]
+        with self.lock:
+            self.errors[endpoint][text] += 1
+
+
+def sweep(lo: float, hi: float, step: int, period: int = 17) -> float:
+    """A value that zig-zags between lo and hi as ``step`` grows: every update changes something."""
+    t = (step % period) / (period - 1)
+    t = t if (step // period) % 2 == 0 else 1 - t
+    return lo + (hi - lo) * t
+
+
+def slider_updates(n_tokens: int):
+    """Endless (endpoint, args) pairs within the sliders' limits, cycling the three tabs."""
+    for step in itertools.count():
+        kind = step % 3
+        if kind == 0:
+            method = MERGE_METHODS[(step // 3) % 2]
+            threshold = round(sweep(0.80, 0.98, step), 3)
+            target = int(round(sweep(8, min(400, n_tokens), step + 5)))
+            yield "/merge_live", (method, threshold, target, "mean colour")
+        elif kind == 1:
+            keep = round(sweep(0.02, 0.95, step), 2)
+            head = "mean" if step % 4 else "0"
+            yield "/prune_live", ("CLS attention", head, keep, False)
+        else:
+            latents = int(round(sweep(4, min(128, n_tokens), step)))
+            selected = step % latents
+            yield "/resample_live", (latents, 2, "kmeans", selected)
+
+
+def encode_defaults(url: str) -> list:
+    """/encode's parameters after the image, each at the app's own default (read from its API).
+
+    The image comes first (the app's order: image, model, size, layer,
+    keep_aspect, then each tab's controls); reading the rest from the API
+    keeps this test in step when the app grows a tab.
+    """
+    from gradio_client import Client
+
+    api = Client(url, verbose=False).view_api(print_info=False, return_format="dict")
+    named = api["named_endpoints"]
+    missing = [e for e in ("/encode", "/merge_live", "/prune_live", "/resample_live") if e not in named]
+    if missing:
+        raise SystemExit(f"the app has no endpoint {', '.join(missing)}")
+    params = named["/encode"]["parameters"]
+    if not params or params[0].get("component") != "Image":
+        raise SystemExit(f"/encode's first parameter is not the image: {params[:1]}")
+    no_default = [p.get("parameter_name") for p in params[1:] if not p.get("parameter_has_default")]
+    if no_default:
+        raise SystemExit(f"/encode parameters without a default: {no_default}")
+    return [p["parameter_default"] for p in params[1:]]
+
+
+def call(client, stats: Stats, endpoint: str, args, timeout: float):
+    """One request, timed; a failure is counted, never raised."""
+    start = time.perf_counter()
+    job = client.submit(*args, api_name=endpoint)
+    try:
+        out = job.result(timeout=timeout)
+    except Exception as exc:  # noqa: BLE001 - every failure is a data point
+        job.cancel()
+        stats.error(endpoint, exc)
+        return None
+    stats.ok(endpoint, (time.perf_counter() - start) * 1e3)
+    return out
+
+
+def session(url: str, photo: Path, defaults: list, stats: Stats, seconds: float, pause: float,
+            max_requests: int, timeout: float, downloads: Path) -> None:
+    """One user: connect, upload ``photo``, then slider updates until ``seconds`` have passed."""
+    from gradio_client import Client, handle_file
+
+    try:
+        client = Client(url, verbose=False, download_files=str(downloads))
+    except Exception as exc:  # noqa: BLE001
+        stats.error("connect", exc)
+        return
+    out = call(client, stats, "/encode", [handle_file(str(photo)), *defaults], timeout)
+    if out is None:
+        return
+    grids = [m for o in out if isinstance(o, str) and (m := STATUS_GRID.search(o))]
+    n_tokens = int(grids[0][1]) if grids else 576
+    deadline = time.monotonic() + seconds
+    updates = slider_updates(n_tokens)
+    for _ in range(max_requests):
+        if time.monotonic() >= deadline:
+            break
+        endpoint, args = next(updates)
+        call(client, stats, endpoint, args, timeout)
+        time.sleep(pause)
+    if hasattr(client, "close"):
+        client.close()
+
+
+def percentile(values: list[float], q: float) -> float:
+    values = sorted(values)
+    return values[min(len(values) - 1, int(round(q * (len(values) - 1))))]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--sessions", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=60.0, help="slider phase per session")
+    ap.add_argument("--pause", type=float, default=0.1, help="seconds between one session's updates")
+    ap.add_argument("--timeout", type=float, default=120.0, help="per request")
+    ap.add_argument("--max-requests", type=int, default=5000, help="per session, a hard bound")
+    args = ap.parse_args()
+    if not (1 <= args.sessions <= 64 and 0 < args.seconds <= 600):
+        raise SystemExit("--sessions must be 1..64 and --seconds 0..600")
+
+    import torch
+
+    work = Path(tempfile.mkdtemp(prefix="tce-load-"))
+    stats = Stats()
+    try:
+        photos = make_photos(args.sessions, work)
+        downloads = work / "downloads"
+        downloads.mkdir()
+        port = free_port()
+        log = work / "server.log"
+        t_start = time.perf_counter()
+        proc = start_app(port, log)
+        startup_s = time.perf_counter() - t_start
+        url = f"http://{HOST}:{port}/"
+        base = rss_kib(proc.pid)["VmRSS"]
+        sampler = MemorySampler(proc.pid)
+        sampler.start()
+        print(f"app up on {url} in {startup_s:.1f} s (RSS {base / 1024:.0f} MiB); "
+              f"{args.sessions} sessions for {args.seconds:.0f} s ...", file=sys.stderr)
+        defaults = encode_defaults(url)
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=session, daemon=True,
+                                    args=(url, photo, defaults, stats, args.seconds, args.pause,
+                                          args.max_requests, args.timeout, downloads))
+                   for photo in photos]
+        for t in threads:
+            t.start()
+        hard_stop = time.monotonic() + args.seconds + 2 * args.timeout + 60
+        for t in threads:
+            t.join(timeout=max(0.0, hard_stop - time.monotonic()))
+        stuck = sum(t.is_alive() for t in threads)
+        wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join(timeout=5)
+        mem = rss_kib(proc.pid)
+        alive = proc.poll() is None
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        tracebacks = log.read_text(errors="replace").count("Traceback")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    served = sum(len(v) for v in stats.ms.values())
+    failed = sum(sum(c.values()) for c in stats.errors.values())
+    peak = max(sampler.samples or [base])
+    print(f"Load test: {args.sessions} concurrent gradio_client sessions on loopback, each its own "
+          f"photo, then slider updates for {args.seconds:.0f} s ({args.pause:.2f} s pause between "
+          f"a session's updates); {os.cpu_count()}-core CPU, torch {torch.__version__.split('+')[0]}, "
+          f"wall {wall:.0f} s")
+    print()
+    print("| endpoint | served | errors | median ms | p95 ms | max ms |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: |")
+    for endpoint in ("/encode", "/merge_live", "/prune_live", "/resample_live", "connect"):
+        ms = stats.ms.get(endpoint, [])
+        errs = sum(stats.errors.get(endpoint, {}).values())
+        if not ms and not errs:
+            continue
+        if ms:
+            print(f"| {endpoint} | {len(ms)} | {errs} | {statistics.median(ms):.0f} | "
+                  f"{percentile(ms, 0.95):.0f} | {max(ms):.0f} |")
+        else:
+            print(f"| {endpoint} | 0 | {errs} | - | - | - |")
+    print(f"| **all** | **{served}** ({served / wall:.1f}/s) | **{failed}** | | | |")
+    print()
+    print("| server memory (RSS) | MiB |")
+    print("| --- | ---: |")
+    print(f"| after start-up | {base / 1024:.0f} |")
+    print(f"| peak, sampled every 0.5 s | {peak / 1024:.0f} |")
+    print(f"| peak, kernel high-water mark (VmHWM) | {mem['VmHWM'] / 1024:.0f} |")
+    print(f"| at the end | {mem['VmRSS'] / 1024:.0f} |")
+    print()
+    trace = sampler.samples[::20]  # every 10 s
+    print("server RSS every 10 s from the first session's start (MiB): "
+          + " ".join(f"{kib / 1024:.0f}" for kib in trace))
+    print()
+    print(f"server alive at the end: {'yes' if alive else 'NO'}; tracebacks in its log: {tracebacks}; "
+          f"sessions still running at the hard stop: {stuck}")
+    for endpoint, counter in stats.errors.items():
+        for text, n in counter.most_common(5):
+            print(f"- error x{n} on {endpoint}: {text}")
+
+
+if __name__ == "__main__":
+    main()
