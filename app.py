@@ -645,7 +645,10 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     DEVICE = args.device
     shared_encoder(BUNDLED_NAME, DEVICE)  # load (and convert, first time) before serving
-    build().launch(server_name=args.host, server_port=args.port, share=args.share,
+    # System fonts only: the default theme would fetch web fonts, and the app must work offline.
+    theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
+                              font_mono=["ui-monospace", "monospace"])
+    build().launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme,
                    footer_links=["api"], run_history=False, show_error=True)
 
 

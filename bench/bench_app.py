@@ -52,21 +52,28 @@ CASES = [
      zigzag(0.10, 0.80, 40, 2), 150, ("prune",)),
     ("resampler-latents", "resampler-overlay", "resampler-stats", "Perceiver Resampler",
      zigzag(16, 128, 40, 0), 300, ("resampler", "grid", "single")),
+    # release: grid, table and the fidelity curve all refreshed
+    ("compare-budget", "compare-grid", "compare-note", "Compare",
+     zigzag(24, 200, 40, 0), 1000, ("compare",)),
 ]
 
 STEP_JS = """
-([slider, overlay, value]) => new Promise((resolve, reject) => {
-  const img = () => document.querySelector('#' + overlay + ' img');
-  const old = img().src;
+([slider, overlays, value, release]) => new Promise((resolve, reject) => {
+  const img = (id) => document.querySelector('#' + id + ' img');
+  const old = overlays.map(id => img(id) ? img(id).src : '');
   const rng = document.querySelector('#' + slider + ' input[type=range]');
   const t0 = performance.now();
   rng.value = String(value);
   rng.dispatchEvent(new Event('input', {bubbles: true}));
+  if (release) rng.dispatchEvent(new PointerEvent('pointerup', {bubbles: true}));
   const limit = t0 + 30000;
   const check = () => {
-    const e = img();
-    if (e && e.src !== old && e.complete && e.naturalWidth > 0) resolve(performance.now() - t0);
-    else if (performance.now() > limit) reject(new Error('no new overlay within 30 s'));
+    const done = overlays.every((id, i) => {
+      const e = img(id);
+      return e && e.src !== old[i] && e.complete && e.naturalWidth > 0;
+    });
+    if (done) resolve(performance.now() - t0);
+    else if (performance.now() > limit) reject(new Error('no new picture within 30 s'));
     else setTimeout(check, 1);
   };
   check();
@@ -97,9 +104,12 @@ def start_app(port: int) -> subprocess.Popen:
 
 
 def split_from_stats(text: str) -> tuple[float, float]:
-    strategy = float(re.search(r"strategy ([\d.]+) ms", text).group(1))
-    drawing = float(re.search(r"drawing ([\d.]+) ms", text).group(1))
-    return strategy, drawing
+    """(strategy ms, drawing ms) from a stats line; the compare note gives only the total."""
+    m = re.search(r"strategy ([\d.]+) ms", text)
+    if m is None:
+        total = float(re.search(r"in ([\d.]+) ms", text).group(1))
+        return total, 0.0
+    return float(m.group(1)), float(re.search(r"drawing ([\d.]+) ms", text).group(1))
 
 
 def jpeg_save_ms(kinds: tuple[str, ...], repeat: int = 15) -> float:
@@ -119,6 +129,10 @@ def jpeg_save_ms(kinds: tuple[str, ...], repeat: int = 15) -> float:
     if "resampler" in kinds:
         p = resampler_panel(enc, with_figure=False)
         images += [p.overlay, p.extra_images["grid"], p.extra_images["single"]]
+    if "compare" in kinds:
+        from viz.panels import compare_panel
+
+        images.append(compare_panel(enc, 64, with_figure=False).overlay)
     times = []
     with tempfile.TemporaryDirectory() as cache:
         for i in range(repeat):
@@ -152,8 +166,10 @@ def main() -> None:
                 page.wait_for_selector(f"#{overlay} img")
                 totals, strategy, drawing = [], [], []
                 print(f"{slider}...", file=sys.stderr)
-                for value in values[: args.steps + 1]:
-                    ms = page.evaluate(STEP_JS, [slider, overlay, value])
+                release = slider == "compare-budget"
+                waits = [overlay, "compare-plot"] if release else [overlay]
+                for value in values[: (args.steps if not release else 8) + 1]:
+                    ms = page.evaluate(STEP_JS, [slider, waits, value, release])
                     page.wait_for_timeout(60)  # let the stats line land
                     s, d = split_from_stats(page.inner_text(f"#{stats_id}"))
                     totals.append(ms)

@@ -21,12 +21,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from compress import (  # noqa: E402
+    STRATEGIES,
     Encoder,
     device_label,
     merge_bipartite,
     merge_threshold,
     prune_attention,
     resample,
+    run_at_budget,
 )
 
 
@@ -75,9 +77,22 @@ def main() -> None:
         for label, fn in cases:
             med, p90 = timed(fn, args.repeat, sync)
             rows.append((f"N = {n}: {label}", med, p90, target))
+        for name in STRATEGIES:
+            if name in ("merge_threshold", "merge_bipartite", "prune_attention", "resample"):
+                continue
+            med, p90 = timed(lambda e=enc, k=name: run_at_budget(k, e, 64), args.repeat, sync)
+            rows.append((f"N = {n}: {name} at M = 64", med, p90, target))
         if n == 576:
             med, p90 = timed(lambda e=enc: resample(e, 64, init="fit"), 3, sync)
             rows.append(("N = 576: resample(64, fit, 40 steps)", med, p90, 3000))
+            # the Compare view after a budget change: every strategy + grid + table + curve
+            from viz.panels import compare_panel
+
+            compare_panel(enc, 64)  # the fidelity sweep, once per image
+            budgets = iter([30, 90] * 50)
+            med, p90 = timed(lambda e=enc, b=budgets: compare_panel(e, next(b)), 7, sync)
+            rows.append(("N = 576: Compare view refresh (10 strategies, grid, curve)", med, p90,
+                         1000))
 
     print(f"device: {device_label(dev)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{platform.processor() or platform.machine()}; repeats {args.repeat}")

@@ -37,6 +37,15 @@ def page(app_url, tmp_path_factory):
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         context = browser.new_context(viewport={"width": 1400, "height": 1100})
         pg = context.new_page()
+        pg.external_requests = []  # anything not served by the app itself
+
+        def note(request):
+            host = request.url.split("/")[2] if "://" in request.url else ""
+            if request.url.startswith(("http", "ws")) and not host.startswith(("127.0.0.1",
+                                                                                "localhost")):
+                pg.external_requests.append(request.url)
+
+        pg.on("request", note)
         pg.set_default_timeout(TIMEOUT)
         pg.goto(app_url)
         pg.wait_for_function(
@@ -209,3 +218,8 @@ def test_features_tab_shows_its_maps(page):
             " return e && e.complete && e.naturalWidth > 100; }", arg=elem)
     assert "Token norm median" in text(page, "features-text")
     page.screenshot(path=str(ARTIFACTS / "features.png"), full_page=True)
+
+
+def test_page_requests_nothing_outside_the_app(page):
+    """Works fully offline: no fonts, analytics or scripts fetched from anywhere else."""
+    assert page.external_requests == []
