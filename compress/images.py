@@ -108,9 +108,14 @@ def _not_an_image(data: bytes) -> ImageError:
     return ImageError(f"not an image: the data is not in any supported image format; {upload}")
 
 
+def _mp(pixels: float) -> str:
+    """Megapixels, readable at both ends: "4,294.8", "0.0061"."""
+    return f"{pixels / 1e6:,.1f}" if pixels >= 100_000 else f"{pixels / 1e6:.2g}"
+
+
 def _too_many_pixels(what: str, max_pixels: int) -> ImageError:
     return ImageError(
-        f"the image is too large: {what} megapixels, the limit is {max_pixels / 1e6:g} megapixels "
+        f"the image is too large: {what} megapixels, the limit is {_mp(max_pixels)} megapixels "
         "(a huge scan, or a decompression bomb: a small file that expands to an enormous image); "
         "downscale it and upload it again"
     )
@@ -118,7 +123,7 @@ def _too_many_pixels(what: str, max_pixels: int) -> ImageError:
 
 def _check_pixels(width: int, height: int, max_pixels: int) -> None:
     if width * height > max_pixels:
-        raise _too_many_pixels(f"{width} x {height} = {width * height / 1e6:,.1f}", max_pixels)
+        raise _too_many_pixels(f"{width} x {height} = {_mp(width * height)}", max_pixels)
 
 
 def load_image(source, max_pixels: int = 40_000_000, max_bytes: int = 25 * 2**20) -> Image.Image:
@@ -159,7 +164,7 @@ def load_image(source, max_pixels: int = 40_000_000, max_bytes: int = 25 * 2**20
                 image = Image.open(io.BytesIO(data), formats=_formats())
         except Image.DecompressionBombError as exc:  # Pillow's hard limit, past ours
             claimed = re.search(r"\((\d+) pixels\)", str(exc))
-            what = f"{int(claimed[1]) / 1e6:,.1f}" if claimed else "far more than"
+            what = _mp(int(claimed[1])) if claimed else "far more than"
             raise _too_many_pixels(what, max_pixels) from exc
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as exc:
             raise _not_an_image(data) from exc
