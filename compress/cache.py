@@ -303,7 +303,26 @@ class ModelPool:
             self._items.clear()
 
 
-MODELS = ModelPool(env_int("TCE_MAX_MODELS", 3))
+PRECISION = os.environ.get("TCE_PRECISION", "fp32")
+
+
+def set_precision(precision: str) -> None:
+    """Process-wide precision for encoders loaded from now on ("fp32" or "bf16")."""
+    global PRECISION
+    from .encoder import PRECISIONS
+
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision != PRECISION:
+        PRECISION = precision
+        MODELS.clear()
+
+
+def _make_encoder(name: str, device: str = "auto") -> Encoder:
+    return Encoder(name, device=device, precision=PRECISION)
+
+
+MODELS = ModelPool(env_int("TCE_MAX_MODELS", 3), factory=_make_encoder)
 
 
 def shared_encoder(model: str = BUNDLED_NAME, device: str = "auto") -> Encoder:

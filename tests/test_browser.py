@@ -223,3 +223,25 @@ def test_features_tab_shows_its_maps(page):
 def test_page_requests_nothing_outside_the_app(page):
     """Works fully offline: no fonts, analytics or scripts fetched from anywhere else."""
     assert page.external_requests == []
+
+
+def test_bad_upload_shows_a_clear_message_and_the_app_goes_on(page, tmp_path):
+    bad = tmp_path / "notes.png"
+    bad.write_bytes(b"these are my lecture notes, not a picture\n" * 40)
+    page.set_input_files("#input-image input[type=file]", str(bad))
+    page.get_by_text("not an image", exact=False).first.wait_for()
+    page.screenshot(path=str(ARTIFACTS / "bad-upload.png"), full_page=False)
+    # a good photo afterwards encodes as usual
+    old, stats = src(page, "merge-overlay"), text(page, "merge-stats")
+    page.get_by_role("tab", name="Token merging").click()
+    page.set_input_files("#input-image input[type=file]", str(ASSETS / "rocket.jpg"))
+    wait_changed(page, "merge-overlay", old, "merge-stats", stats)
+    assert "576 tokens" in text(page, "encode-status")
+
+
+def test_clicking_a_sample_photo_encodes_it(page):
+    page.get_by_role("tab", name="Token merging").click()
+    old, stats = src(page, "merge-overlay"), text(page, "merge-stats")
+    page.locator("button.gallery-item").nth(0).click()  # the astronaut
+    wait_changed(page, "merge-overlay", old, "merge-stats", stats)
+    assert "576 tokens" in text(page, "encode-status")

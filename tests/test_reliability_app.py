@@ -1,0 +1,191 @@
+"""Bad input, faults and security through the real app: clear messages, nothing crashes.
+
+Uses the app launched as a subprocess (``app_url``) for bad input and
+security, and one app launched in this process for fault injection (so a
+handler's library call can be replaced by one that raises).
+"""
+
+from __future__ import annotations
+
+import io
+import struct
+import urllib.error
+import urllib.request
+import zlib
+
+import numpy as np
+import pytest
+from conftest import ASSETS, free_port
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+from PIL import Image
+
+MERGE = ("adjacent threshold", 0.9, 16, "mean colour")
+PRUNE = ("CLS attention", "mean", 0.25, False)
+RES = (64, 2, "kmeans", 0)
+MORE = ("DivPrune", 64, 54 / 64, 0)
+
+
+def encode(client, path, size=112):
+    return client.predict(handle_file(str(path)), "dinov2-s14", size, 12, False, *MERGE, *PRUNE,
+                          16, 2, "kmeans", 0, "DivPrune", 16, 54 / 64, 0, 16, api_name="/encode")
+
+
+def png_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, fmt, **kw)
+    return buf.getvalue()
+
+
+def bomb_png(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height, with a tiny (wrong) body."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+@pytest.fixture(scope="module")
+def bad_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("bad")
+    photo = Image.open(ASSETS / "coffee.jpg")
+    png, jpg = png_bytes(photo), png_bytes(photo, "JPEG")
+    files = {
+        "text.png": (b"Hello, this is a text file pretending to be an image.\n" * 20, "not an image"),
+        "doc.pdf": (b"%PDF-1.4\n1 0 obj << /Type /Catalog >> endobj\n" * 10, "PDF"),
+        "noise.jpg": (np.random.default_rng(0).bytes(4096), "not an image"),
+        "empty.png": (b"", "empty"),
+        "cut.png": (png[: len(png) // 2], "truncated"),
+        "cut.jpg": (jpg[: len(jpg) // 2], "truncated"),
+        "bomb.png": (bomb_png(100_000, 100_000), "too large"),
+    }
+    out = {}
+    for name, (data, expect) in files.items():
+        (d / name).write_bytes(data)
+        out[name] = (d / name, expect)
+    return out
+
+
+@pytest.fixture(scope="module")
+def odd_files(tmp_path_factory):
+    d = tmp_path_factory.mktemp("odd")
+    photo = Image.open(ASSETS / "chelsea.jpg")
+    rgba = photo.convert("RGBA")
+    rgba.putalpha(100)
+    grey16 = Image.fromarray(np.asarray(photo.convert("L"), dtype=np.uint16) * 257)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    frames = [Image.new("RGB", (32, 32), c) for c in ("red", "blue")]
+    gif = io.BytesIO()
+    frames[0].save(gif, "GIF", save_all=True, append_images=frames[1:])
+    files = {
+        "grey.png": png_bytes(photo.convert("L")),
+        "palette.png": png_bytes(photo.convert("P")),
+        "rgba.png": png_bytes(rgba),
+        "cmyk.jpg": png_bytes(photo.convert("CMYK"), "JPEG"),
+        "grey16.png": png_bytes(grey16),
+        "anim.gif": gif.getvalue(),
+        "rotated.jpg": png_bytes(photo, "JPEG", exif=exif.tobytes()),
+        "one.png": png_bytes(Image.new("RGB", (1, 1), "green")),
+        "thin.png": png_bytes(Image.new("RGB", (1, 4000), "blue")),
+    }
+    for name, data in files.items():
+        (d / name).write_bytes(data)
+    return {name: d / name for name in files}
+
+
+def test_bad_uploads_get_a_clear_message_and_the_session_survives(app_url, bad_files):
+    client = Client(app_url, verbose=False)
+    other = Client(app_url, verbose=False)
+    encode(other, ASSETS / "coffee.jpg")
+    before = other.predict(*MERGE, api_name="/merge_live")[1]
+    for name, (path, expect) in bad_files.items():
+        with pytest.raises(AppError) as info:
+            encode(client, path)
+        assert expect.lower() in str(info.value).lower(), (name, str(info.value))
+    # the same session still works, and the other one was never touched
+    encode(client, ASSETS / "chelsea.jpg")
+    assert client.predict(*MERGE, api_name="/merge_live")[1].startswith("### 64 →")
+    assert other.predict(*MERGE, api_name="/merge_live")[1].split("·")[0] == before.split("·")[0]
+
+
+def test_unusual_but_valid_images_simply_work(app_url, odd_files):
+    client = Client(app_url, verbose=False)
+    for name, path in odd_files.items():
+        out = encode(client, path)
+        status = next(o for o in out if isinstance(o, str) and "tokens (" in o and "patches" in o)
+        assert "64 tokens (8 x 8" in status, (name, status)
+
+
+def test_knobs_beyond_their_ends_are_refused_with_a_message(app_url):
+    client = Client(app_url, verbose=False)
+    encode(client, ASSETS / "coffee.jpg")
+    for args in (("adjacent threshold", -0.5, 16, "mean colour"),
+                 ("adjacent threshold", 1.5, 16, "mean colour")):
+        with pytest.raises(AppError, match="(?i)threshold|minimum|maximum"):
+            client.predict(*args, api_name="/merge_live")
+    with pytest.raises(AppError, match="(?i)latents|maximum"):
+        client.predict(65, 2, "kmeans", 0, api_name="/resample_live")  # N = 64 at 112 px
+    with pytest.raises(AppError, match="not in the list of choices"):
+        client.predict("ZipMerge", 16, 0.5, 0, api_name="/more")
+    # keep ratio 0 is valid: one token
+    assert client.predict("CLS attention", "mean", 0.0, False, api_name="/prune_live")[1].startswith(
+        "### 64 → 1 tokens")
+
+
+def test_files_outside_the_app_are_not_served(app_url):
+    for path in ("gradio_api/file=/etc/passwd", "file=/etc/passwd",
+                 "gradio_api/file=" + str(ASSETS.parent / "app.py")):
+        try:
+            with urllib.request.urlopen(app_url + path, timeout=10) as r:
+                body = r.read()
+            assert b"root:" not in body and b"import gradio" not in body, path
+        except urllib.error.HTTPError as exc:
+            assert exc.code in (403, 404), (path, exc.code)
+
+
+def test_binds_loopback_by_default(monkeypatch):
+    import app
+
+    seen = {}
+    monkeypatch.setattr(app, "build", lambda: type("B", (), {"launch": lambda self, **kw:
+                                                              seen.update(kw)})())
+    monkeypatch.setattr(app, "shared_encoder", lambda *a, **k: None)
+    monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    app.main([])
+    assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
+    assert seen["run_history"] is False and seen["max_file_size"] == 25 * 2**20
+
+
+@pytest.fixture(scope="module")
+def inproc():
+    """The app launched in this process, so that a library call can be made to fail."""
+    import app
+
+    demo = app.build()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                show_error=True)
+    yield app, f"http://127.0.0.1:{port}/"
+    demo.close()
+
+
+def test_an_injected_strategy_fault_fails_one_request_only(inproc, monkeypatch):
+    app, url = inproc
+    client = Client(url, verbose=False)
+    other = Client(url, verbose=False)
+    encode(client, ASSETS / "coffee.jpg")
+    encode(other, ASSETS / "chelsea.jpg")
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(app, "merge_panel", broken)
+    with pytest.raises(AppError, match="merge failed: RuntimeError: injected fault"):
+        client.predict(*MERGE, api_name="/merge_live")
+    # other strategies and other sessions go on
+    assert client.predict(*PRUNE, api_name="/prune_live")[1].startswith("### 64 → 16")
+    assert other.predict(*PRUNE, api_name="/prune_live")[1].startswith("### 64 → 16")
+    monkeypatch.undo()
+    assert client.predict(*MERGE, api_name="/merge_live")[1].startswith("### 64 →")
