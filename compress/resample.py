@@ -87,6 +87,11 @@ class PerceiverResampler(nn.Module):
     def __init__(self, dim: int, num_latents: int = 64, depth: int = 2, heads: int = 8,
                  dim_head: int | None = None, ff_mult: int = 4):
         super().__init__()
+        dim = check_int("dim", dim, 1)
+        num_latents = check_int("num_latents", num_latents, 1)
+        depth = check_int("depth", depth, 1)
+        heads = check_int("heads", heads, 1)
+        ff_mult = check_int("ff_mult", ff_mult, 1)
         if dim_head is None:
             if dim % heads:
                 raise ValueError(f"dim {dim} is not divisible by heads {heads}; pass dim_head")
@@ -131,6 +136,10 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> tuple[tor
     With k > N, the extra centroids are copies of points (ties go to the
     first), so the result is still defined.
     """
+    k = check_int("k", k, 1)
+    iters = check_int("iters", iters, 0)
+    if x.ndim != 2 or x.shape[0] == 0:
+        raise ValueError(f"kmeans needs a non-empty [N, D] matrix, got shape {tuple(x.shape)}")
     n = x.shape[0]
     gen = torch.Generator(device="cpu").manual_seed(seed)
     perm = torch.randperm(n, generator=gen).to(x.device)

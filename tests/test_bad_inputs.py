@@ -127,8 +127,8 @@ def test_edge_knob_values_are_defined(enc, case):
     assert torch.allclose(out.assign.sum(dim=1), torch.ones(m), atol=1e-5)
 
 
-# Found while writing these tests: compress/resample.py does not check these (not ours to fix).
-UNCHECKED = {
+# Low-level helpers validate their arguments too.
+LOW_LEVEL = {
     "kmeans k=0": lambda e: C.kmeans(e.tokens, 0),
     "kmeans k<0": lambda e: C.kmeans(e.tokens, -1),
     "PerceiverResampler latents=0": lambda e: C.PerceiverResampler(8, 0, heads=1),
@@ -137,12 +137,10 @@ UNCHECKED = {
 }
 
 
-@pytest.mark.xfail(reason="compress/resample.py: kmeans / PerceiverResampler do not validate "
-                   "their arguments yet (IndexError, ZeroDivisionError or silent acceptance)")
-@pytest.mark.parametrize("case", list(UNCHECKED))
+@pytest.mark.parametrize("case", list(LOW_LEVEL))
 def test_low_level_helpers_validate_too(enc, case):
     with pytest.raises(ValueError):
-        UNCHECKED[case](enc)
+        LOW_LEVEL[case](enc)
 
 
 ENCODER_KNOBS = {
