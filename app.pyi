@@ -124,9 +124,7 @@ class UploadedImage(gr.Image):
     @classmethod
     def get_block_name(cls) -> str:
         return "image"
-    from collections.abc import Callable, Sequence
-    from typing import TYPE_CHECKING, Any, Literal
-
+    from typing import Callable, Literal, Sequence, Any, TYPE_CHECKING
     from gradio.blocks import Block
     if TYPE_CHECKING:
         from gradio.components import Timer

@@ -60,6 +60,9 @@ def main() -> None:
         med, p90 = timed(lambda s=size: encoder.encode(image, size=s), args.repeat, sync)
         n = (size // 14) ** 2
         rows.append((f"encode {size} px (N = {n})", med, p90, target))
+    fast = Encoder(device=args.device, precision="bf16")
+    med, p90 = timed(lambda: fast.encode(image, size=336), args.repeat, sync)
+    rows.append(("encode 336 px, precision bf16", med, p90, 250))
 
     for size in (336, 896):  # 24 x 24 = 576 and 64 x 64 = 4096 patches
         enc = encoder.encode(image, size=size)

@@ -66,6 +66,16 @@ class PerceiverAttention(nn.Module):
         out = (attn @ v).transpose(0, 1).reshape(lat.shape[0], -1)
         return self.to_out(out), attn
 
+    def attention(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The attention map alone, [H, M, N + M] (no values, no output projection)."""
+        x = self.norm_media(x)
+        lat = self.norm_latents(latents)
+        h, inner = self.heads, self.to_q.weight.shape[0]
+        q = self.to_q(lat).view(lat.shape[0], h, -1).transpose(0, 1)
+        k = F.linear(torch.cat([x, lat]), self.to_kv.weight[:inner])
+        k = k.view(k.shape[0], h, -1).transpose(0, 1)
+        return ((q * self.scale) @ k.transpose(-1, -2)).softmax(dim=-1)
+
 
 class FeedForward(nn.Sequential):
     def __init__(self, dim: int, mult: int = 4):
@@ -102,9 +112,14 @@ class PerceiverResampler(nn.Module):
             for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
+        # True while the residual branches are exactly zero (the k-means layout, untrained):
+        # the latents then pass every layer unchanged and only the attention maps are computed.
+        self.zero_residual = False
 
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         latents = self.latents
+        if self.zero_residual:
+            return self.norm(latents), [attn.attention(tokens, latents) for attn, _ in self.layers]
         maps = []
         for attn, ff in self.layers:
             update, a = attn(tokens, latents)
@@ -126,6 +141,7 @@ class PerceiverResampler(nn.Module):
             attn.to_kv.weight[:inner].copy_(eye)
             attn.to_out.weight.zero_()
             ff[-1].weight.zero_()
+        self.zero_residual = True
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -243,6 +259,7 @@ def resample(
     losses: list[float] = []
     if init == "fit" and steps:
         model = copy.deepcopy(base).requires_grad_(True)
+        model.zero_residual = False  # training moves the residual branches off zero
         model.latents = nn.Parameter(latents.clone())
         with torch.enable_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -115,3 +115,19 @@ def test_rejects_bad_arguments(coffee_enc, kwargs, match):
     args = {"num_latents": 8, **kwargs}
     with pytest.raises(ValueError, match=match):
         resample(coffee_enc, **args)
+
+
+def test_zero_residual_shortcut_is_exact(coffee_enc):
+    """The k-means layout's shortcut (attention only) equals the full forward."""
+    torch.manual_seed(0)
+    model = PerceiverResampler(coffee_enc.dim, 12, depth=2, heads=8)
+    normed = F.layer_norm(coffee_enc.tokens, (coffee_enc.dim,))
+    model.init_from_centroids(kmeans(normed, 12)[0])
+    assert model.zero_residual
+    with torch.no_grad():
+        fast_out, fast_maps = model(coffee_enc.tokens)
+        model.zero_residual = False
+        full_out, full_maps = model(coffee_enc.tokens)
+    assert torch.allclose(fast_out, full_out, atol=1e-5)
+    for a, b in zip(fast_maps, full_maps, strict=True):
+        assert torch.allclose(a, b, atol=1e-6)
