@@ -180,7 +180,7 @@ def encode_defaults(url: str) -> list:
     if missing:
         raise SystemExit(f"the app has no endpoint {', '.join(missing)}")
     params = named["/encode"]["parameters"]
-    if not params or params[0].get("component") != "Image":
+    if not params or "image" not in str(params[0].get("component", "")).lower():
         raise SystemExit(f"/encode's first parameter is not the image: {params[:1]}")
     no_default = [p.get("parameter_name") for p in params[1:] if not p.get("parameter_has_default")]
     if no_default:
