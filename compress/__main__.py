@@ -25,6 +25,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size", type=int, default=336, help="input size in px (336 -> 576 tokens)")
     ap.add_argument("--layer", type=int, default=-1, help="block to read tokens from")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--sweep", action="store_true",
+                    help="also print fidelity against M for every strategy")
     args = ap.parse_args(argv)
 
     try:
@@ -58,6 +60,26 @@ def main(argv: list[str] | None = None) -> int:
               f"{1 - s['M'] / s['N']:>6.0%} {s['fidelity']:>8.4f} {kept:>9} {s['ms']:>8.1f}")
     print("fidelity: mean cosine of each patch token to the output that represents it best; "
           "attn kept: share of CLS attention on surviving patches.")
+    if args.sweep:
+        from .registry import STRATEGIES, fidelity_sweep, sweep_budgets
+
+        budgets = sweep_budgets(n)
+        curves = fidelity_sweep(enc, budgets)
+        print()
+        print("fidelity against the budget M (adaptive strategies: their own M)")
+        print(f"{'strategy':28}" + "".join(f"{b:>7}" for b in budgets))
+        for name, points in curves.items():
+            label = STRATEGIES[name].label
+            if STRATEGIES[name].adaptive:
+                m, f = points[0]
+                print(f"{label:28}  M = {m}: {f:.3f}")
+                continue
+            row = dict(points)
+            if len(points) == len(budgets):  # M as close to each budget as the rule allows
+                row = {b: f for b, (_, f) in zip(budgets, points, strict=True)}
+            near = "" if [m for m, _ in points] == budgets else "  (nearest reachable M)"
+            cells = "".join(f"{row[b]:>7.3f}" if b in row else f"{'-':>7}" for b in budgets)
+            print(f"{label:28}{cells}{near}")
     return 0
 
 

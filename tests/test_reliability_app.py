@@ -189,3 +189,65 @@ def test_an_injected_strategy_fault_fails_one_request_only(inproc, monkeypatch):
     assert other.predict(*PRUNE, api_name="/prune_live")[1].startswith("### 64 → 16")
     monkeypatch.undo()
     assert client.predict(*MERGE, api_name="/merge_live")[1].startswith("### 64 →")
+
+
+def test_a_hub_model_without_the_hub_names_the_offline_default(app_url):
+    # The app under test runs with HF_HUB_OFFLINE=1: a real timm name with hub weights.
+    client = Client(app_url, verbose=False)
+    with pytest.raises(AppError, match="dinov2-s14.*works offline"):
+        client.predict(handle_file(str(ASSETS / "coffee.jpg")), "vit_base_patch16_clip_224.openai",
+                       112, 12, False, *MERGE, *PRUNE, 16, 2, "kmeans", 0, "DivPrune", 16, 0.8, 0,
+                       16, api_name="/encode")
+    encode(client, ASSETS / "coffee.jpg")  # the bundled default still works
+
+
+def test_a_file_path_smuggled_into_the_api_is_not_read(app_url):
+    """FileData pointing at a server file outside the upload folder is refused by the server."""
+    import json
+
+    data = [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "dinov2-s14", 112, 12,
+            False, *MERGE, *PRUNE, 16, 2, "kmeans", 0, "DivPrune", 16, 0.8, 0, 16]
+    req = urllib.request.Request(app_url + "gradio_api/call/encode", method="POST",
+                                 data=json.dumps({"data": data}).encode(),
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=30) as r:
+            event = json.loads(r.read())["event_id"]
+        with urllib.request.urlopen(f"{app_url}gradio_api/call/encode/{event}", timeout=60) as r:
+            stream = r.read().decode()
+    except urllib.error.HTTPError as exc:
+        stream = f"event: error\n{exc.code}"
+    assert "event: error" in stream and "root:" not in stream
+
+
+def test_a_full_queue_gives_a_clear_message(monkeypatch):
+    """With a queue of one, a burst of slow requests: the extra ones are refused, by name."""
+    import concurrent.futures as cf
+
+    import app
+
+    monkeypatch.setattr(app, "QUEUE_SIZE", 1)
+    demo = app.build()
+    port = free_port()
+    demo.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+                show_error=True)
+    try:
+        url = f"http://127.0.0.1:{port}/"
+        clients = [Client(url, verbose=False) for _ in range(6)]
+        for c in clients:
+            encode(c, ASSETS / "coffee.jpg")
+
+        def fit(c):
+            try:
+                c.predict(16, 2, 0, api_name="/fit")
+                return "ok"
+            except Exception as exc:  # noqa: BLE001
+                return str(exc)
+
+        with cf.ThreadPoolExecutor(6) as pool:
+            results = list(pool.map(fit, clients))
+        assert "ok" in results
+        refused = [r for r in results if r != "ok"]
+        assert refused and all("queue" in r.lower() and "full" in r.lower() for r in refused), results
+    finally:
+        demo.close()
