@@ -528,7 +528,7 @@ def build() -> gr.Blocks:
                                                       elem_id="resampler-single")
                         gr.Markdown(TEXT_RESAMPLER)
                         res_grid = gr.Image(label="Every latent's attention (small multiples)",
-                                            format="jpeg", interactive=False,
+                                            format="jpeg", interactive=False, show_label=False,
                                             elem_id="resampler-grid")
                         res_plot = gr.Plot(label="Latents", elem_id="resampler-plot")
                         with gr.Accordion("Export: overlay PNG + result JSON", open=False):
@@ -563,7 +563,7 @@ def build() -> gr.Blocks:
                                                        elem_id="compare-budget", scale=3)
                             compare_note = gr.Markdown(elem_id="compare-note")
                         compare_grid = gr.Image(label="Every strategy at M", format="jpeg",
-                                                interactive=False, elem_id="compare-grid")
+                                                interactive=False, show_label=False, elem_id="compare-grid")
                         compare_table = gr.Dataframe(label="Numbers", interactive=False,
                                                      elem_id="compare-table")
                         compare_plot = gr.Plot(label="Fidelity against M", elem_id="compare-plot")
@@ -579,7 +579,7 @@ def build() -> gr.Blocks:
                             feat_nb = gr.Image(label="Neighbour cosine similarity", format="jpeg",
                                                interactive=False, elem_id="features-neighbours")
                         feat_heads = gr.Image(label="CLS attention per head", format="jpeg",
-                                              interactive=False, elem_id="features-heads")
+                                              interactive=False, show_label=False, elem_id="features-heads")
                         gr.Markdown(TEXT_FEATURES)
 
         # --- events -----------------------------------------------------------------------
@@ -637,7 +637,8 @@ def build() -> gr.Blocks:
         for ctl in (res_init,):
             on(ctl.input, do_resample, res_in, res_live + [res_plot], **live)
         on(res_fit.click, do_fit, [session, res_latents, res_depth, res_selected],
-           res_live + [res_plot], "fit", concurrency_id="heavy", concurrency_limit=1)
+           res_live + [res_plot], "fit", concurrency_id="heavy", concurrency_limit=1).then(
+            lambda: "fit", None, res_init, api_visibility="private")
 
         more_in = [session, more_strategy, more_budget, more_dominant, more_seed]
         more_out = [more_overlay, more_stats]

@@ -264,12 +264,16 @@ def resample(
         with torch.enable_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             opt = torch.optim.Adam(model.parameters(), lr=lr)
+            # Linear warm-up: Adam's first steps move every weight by about lr at once, which
+            # would knock the identity q/k layout about before the gradients mean anything.
+            warmup = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: min(1.0, (t + 1) / 10))
             for step in range(steps):
                 out, maps = model(tokens)
                 loss = _reconstruction_loss(normed, out, maps[-1])
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                warmup.step()
                 losses.append(float(loss.detach()))
                 if progress is not None:
                     progress(step + 1, steps, losses[-1])

@@ -237,15 +237,15 @@ def test_a_full_queue_gives_a_clear_message(monkeypatch):
         for c in clients:
             encode(c, ASSETS / "coffee.jpg")
 
-        def fit(c):
-            try:
-                c.predict(16, 2, 0, api_name="/fit")
+        def fit(i):
+            try:  # distinct latent counts: no fit result can be reused from another request
+                clients[i].predict(10 + i, 2, 0, api_name="/fit")
                 return "ok"
             except Exception as exc:  # noqa: BLE001
                 return str(exc)
 
         with cf.ThreadPoolExecutor(6) as pool:
-            results = list(pool.map(fit, clients))
+            results = list(pool.map(fit, range(len(clients))))
         assert "ok" in results
         refused = [r for r in results if r != "ok"]
         assert refused and all("queue" in r.lower() and "full" in r.lower() for r in refused), results
