@@ -40,6 +40,7 @@ from viz.panels import (  # noqa: E402
     compare_panel,
     export_json,
     features_panel,
+    has_fit,
     merge_panel,
     prune_panel,
     resampler_panel,
@@ -233,8 +234,7 @@ def do_resample(session, latents, depth, init, selected, with_figure=True, progr
     run_init = init
     note = ""
     if init == "fit" and progress is None:
-        memo = f"resample_{int(latents)}_{int(depth)}_fit_0"
-        if memo not in enc._attn_cache:
+        if not has_fit(enc, int(latents), int(depth)):
             run_init, note = "kmeans", " · showing k-means init: press **Fit** to train"
     cb = None
     if progress is not None:

@@ -164,7 +164,7 @@ def fidelity_sweep(enc: Encoding, budgets: list[int] | None = None,
     budgets = budgets or sweep_budgets(enc.num_patches)
     names = names or list(STRATEGIES)
     key = ("fidelity_sweep", tuple(budgets), tuple(names))
-    cache = enc._attn_cache
+    cache = enc.memo
     if key in cache:
         return cache[key]
     out: dict[str, list[tuple[int, float]]] = {}

@@ -41,7 +41,9 @@ class Encoding:
     weights: str = ""
     scale: float = 0.0  # the attention scale of the layer (1/sqrt(d) for ViTs)
     notice: str = ""  # what the user should know about how it was made, e.g. a GPU fallback
-    _attn_cache: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    # Results derived from this encoding and kept with it (attention received, the fidelity
+    # sweep, fitted resamplers): computed once, however often a slider asks.
+    memo: dict = field(default_factory=dict, repr=False)
 
     @property
     def num_patches(self) -> int:
@@ -75,14 +77,14 @@ class Encoding:
         The mean is over every query token (prefix and patches). Computed in
         chunks of query rows so that N = 4096 stays within memory.
         """
-        if "received" not in self._attn_cache:
+        if "received" not in self.memo:
             total = self.q.shape[1]
             acc = torch.zeros(self.q.shape[0], total, device=self.q.device)
             step = 1024
             for start in range(0, total, step):
                 acc += self.attention(slice(start, start + step)).sum(dim=1)
-            self._attn_cache["received"] = (acc / total)[:, self.num_prefix:]
-        return self._attn_cache["received"]
+            self.memo["received"] = (acc / total)[:, self.num_prefix:]
+        return self.memo["received"]
 
 
 @dataclass(eq=False)

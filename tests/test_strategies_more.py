@@ -350,7 +350,7 @@ def test_cpu_gpu_parity(coffee_enc, name):
     import dataclasses
 
     fields = {f.name: getattr(coffee_enc, f.name) for f in dataclasses.fields(coffee_enc)
-              if f.name != "_attn_cache"}
+              if f.name != "memo"}
     moved = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in fields.items()}
     moved["device"] = torch.device("cuda")
     gpu = dataclasses.replace(coffee_enc, **moved)

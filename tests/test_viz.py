@@ -474,3 +474,17 @@ def test_viz_does_not_import_gradio():
                          timeout=60)
     assert res.returncode == 0, res.stderr
     assert res.stdout.strip() == "False"
+
+
+def test_fitted_resamplers_kept_per_encoding_are_bounded():
+    from conftest import make_encoding
+
+    from viz import panels
+
+    torch.manual_seed(0)
+    enc = make_encoding(torch.randn(16, 8), grid=(4, 4), cls_attn=torch.rand(1, 16))
+    for latents in (2, 3, 4, 5, 6, 7):
+        panels.resampler_panel(enc, latents, depth=1, init="fit", with_figure=False, display=64)
+    kept = [k for k in enc.memo if str(k).startswith("fit_")]
+    assert len(kept) == panels.FITS_KEPT
+    assert panels.has_fit(enc, 7, 1) and not panels.has_fit(enc, 2, 1)

@@ -48,11 +48,28 @@ class Panel:
     draw_ms: float = 0.0
 
 
-def _memo(enc: Encoding, key: str, make):
-    cache = enc._attn_cache
+def _memo(enc: Encoding, key: str, make, keep: int | None = None, family: str = ""):
+    """``enc.memo[key]``, made once; with ``keep``, at most that many keys of ``family`` stay."""
+    cache = enc.memo
     if key not in cache:
         cache[key] = make()
+        if keep is not None:
+            same = [k for k in cache if isinstance(k, str) and k.startswith(family)]
+            for old in same[:-keep]:  # oldest first (dicts keep insertion order)
+                cache.pop(old, None)
     return cache[key]
+
+
+FITS_KEPT = 4  # fitted resamplers kept per encoding (each holds its maps)
+
+
+def fit_key(num_latents: int, depth: int, seed: int = 0) -> str:
+    return f"fit_{int(num_latents)}_{int(depth)}_{int(seed)}"
+
+
+def has_fit(enc: Encoding, num_latents: int, depth: int, seed: int = 0) -> bool:
+    """Whether a fitted resampler for this setting is already kept with the encoding."""
+    return fit_key(num_latents, depth, seed) in enc.memo
 
 
 def threshold_curve(enc: Encoding, connectivity: int = 4) -> tuple[np.ndarray, np.ndarray]:
@@ -128,10 +145,10 @@ def resampler_panel(enc: Encoding, num_latents: int = 64, depth: int = 2, init: 
                     display: int = DEFAULT_DISPLAY) -> Panel:
     """Perceiver Resampler: patches coloured by their strongest latent, plus per-latent maps."""
     t0 = time.perf_counter()
-    key = f"resample_{num_latents}_{depth}_{init}_{seed}"
-    if init == "fit":  # seconds of work: keep the result for this encoding
-        comp = _memo(enc, key, lambda: resample(enc, num_latents, depth=depth, init=init,
-                                                seed=seed, progress=progress))
+    if init == "fit":  # seconds of work: keep the last few results for this encoding
+        comp = _memo(enc, fit_key(num_latents, depth, seed),
+                     lambda: resample(enc, num_latents, depth=depth, init=init, seed=seed,
+                                      progress=progress), keep=FITS_KEPT, family="fit_")
     else:
         comp = resample(enc, num_latents, depth=depth, init=init, seed=seed)
     t1 = time.perf_counter()
