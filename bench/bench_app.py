@@ -16,17 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.serve import free_port, start_app, stop_app  # noqa: E402
+
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic"]
 
@@ -65,7 +65,8 @@ STEP_JS = """
   const t0 = performance.now();
   rng.value = String(value);
   rng.dispatchEvent(new Event('input', {bubbles: true}));
-  if (release) rng.dispatchEvent(new PointerEvent('pointerup', {bubbles: true}));
+  // a real drag lets the page take in the last value before the button comes up
+  if (release) setTimeout(() => rng.dispatchEvent(new PointerEvent('pointerup', {bubbles: true})), 30);
   const limit = t0 + 30000;
   const check = () => {
     const done = overlays.every((id, i) => {
@@ -79,28 +80,6 @@ STEP_JS = """
   check();
 })
 """
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_app(port: int) -> subprocess.Popen:
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)], cwd=ROOT,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2)
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise SystemExit("the app did not start") from None
-            time.sleep(0.5)
 
 
 def split_from_stats(text: str) -> tuple[float, float]:
@@ -182,8 +161,7 @@ def main() -> None:
                              kinds, target))
             browser.close()
     finally:
-        proc.terminate()
-        proc.wait(timeout=20)
+        stop_app(proc)
 
     import torch
 

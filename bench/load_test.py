@@ -26,26 +26,20 @@ import itertools
 import os
 import re
 import shutil
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-HOST = "127.0.0.1"  # loopback only, by design
+sys.path.insert(0, str(ROOT))
+
+from bench.serve import HOST, free_port, start_app, stop_app  # noqa: E402  (loopback only)
+
 MERGE_METHODS = ("adjacent threshold", "ToMe bipartite")
 STATUS_GRID = re.compile(r"(\d+) tokens \((\d+) x (\d+) patches")  # the status line after /encode
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
 
 
 def make_photos(count: int, folder: Path) -> list[Path]:
@@ -73,24 +67,6 @@ def make_photos(count: int, folder: Path) -> list[Path]:
         image.save(path, quality=90)
         photos.append(path)
     return photos
-
-
-def start_app(port: int, log: Path) -> subprocess.Popen:
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "GRADIO_SERVER_NAME": HOST}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--host", HOST, "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(f"http://{HOST}:{port}/", timeout=2)
-            return proc
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise SystemExit(f"the app did not start; log:\n{log.read_text()[-3000:]}") from None
-            time.sleep(0.5)
 
 
 def rss_kib(pid: int) -> dict[str, int]:
@@ -281,11 +257,7 @@ def main() -> None:
         sampler.join(timeout=5)
         mem = rss_kib(proc.pid)
         alive = proc.poll() is None
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        stop_app(proc)
         tracebacks = log.read_text(errors="replace").count("Traceback")
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -8,6 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
+from bench.serve import free_port  # noqa: F401 - re-exported for the tests
 from compress import Encoder, Encoding
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,43 +45,12 @@ def make_encoding(tokens, grid, keys=None, cls_attn=None, heads: int = 1,
     )
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def app_url(tmp_path_factory):
     """The real app (``python app.py``) on a free loopback port; yields its URL."""
-    import os
-    import subprocess
-    import sys
-    import time
-    import urllib.request
+    from bench.serve import HOST, start_app, stop_app
 
     port = free_port()
-    log = tmp_path_factory.mktemp("app") / "server.log"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    with open(log, "w") as out:
-        proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port)],
-                                cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}/"
-    deadline = time.time() + 180
-    while True:
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"app did not start; log:\n{log.read_text()}") from None
-            time.sleep(0.5)
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    proc = start_app(port, tmp_path_factory.mktemp("app") / "server.log")
+    yield f"http://{HOST}:{port}/"
+    stop_app(proc)
