@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
+import socket
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -102,18 +105,68 @@ def _not_a_vit(name: str) -> ValueError:
     )
 
 
+HUB_PROBE_S = 3.0  # how long to wait for the hub before treating it as unreachable
+_HUB_STATE: dict[str, tuple[float, bool]] = {}  # endpoint -> (checked at, reachable)
+
+
+def hub_endpoint() -> str:
+    """The hub's base URL (``HF_ENDPOINT`` when set)."""
+    from huggingface_hub import constants
+
+    return os.environ.get("HF_ENDPOINT") or constants.ENDPOINT
+
+
+def hub_reachable(timeout_s: float = HUB_PROBE_S, remember_s: float = 60.0) -> bool:
+    """Whether a TCP connection to the hub opens within ``timeout_s`` (remembered a minute).
+
+    Run in a thread and abandoned on time-out, because name resolution has no
+    time-out of its own: on a machine without internet a hub download can
+    otherwise hang for most of a minute before failing.
+    """
+    url = urllib.parse.urlsplit(hub_endpoint())
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    now = time.monotonic()
+    seen = _HUB_STATE.get(url.geturl())
+    if seen is not None and now - seen[0] < remember_s:
+        return seen[1]
+    result: list[bool] = []
+
+    def probe():
+        try:
+            socket.create_connection((host, port), timeout=timeout_s).close()
+            result.append(True)
+        except OSError:
+            result.append(False)
+
+    worker = threading.Thread(target=probe, daemon=True)
+    worker.start()
+    worker.join(timeout_s + 0.5)
+    ok = bool(result and result[0])
+    _HUB_STATE[url.geturl()] = (now, ok)
+    return ok
+
+
 @contextlib.contextmanager
-def _offline_if_asked():
-    """Honour ``HF_HUB_OFFLINE`` even when it was set after huggingface_hub was imported."""
-    if not hub_offline():
-        yield
+def _hub_mode():
+    """Yield why the hub is off limits ("" when it is usable), with huggingface_hub offline then.
+
+    Honours ``HF_HUB_OFFLINE`` even when it was set after huggingface_hub was
+    imported; an unreachable hub is treated the same way, so timm still finds
+    weights already in the local hub cache and fails at once otherwise.
+    """
+    if hub_offline():
+        why = "HF_HUB_OFFLINE is set"
+    elif not hub_reachable():
+        why = f"the model hub ({hub_endpoint()}) could not be reached within {HUB_PROBE_S:.0f} s"
+    else:
+        yield ""
         return
     from huggingface_hub import constants
 
     before = constants.HF_HUB_OFFLINE
     constants.HF_HUB_OFFLINE = True
     try:
-        yield
+        yield why
     finally:
         constants.HF_HUB_OFFLINE = before
 
@@ -143,13 +196,14 @@ def _create_model(model: str, weights: str):
         except TypeError as exc:
             raise _not_a_vit(name) from exc
         return net, WeightsInfo("random", name), True
+    why = "the model hub could not be reached"
     try:
-        with _offline_if_asked():  # timm still finds weights already in the local hub cache
+        with _hub_mode() as off:
+            why = off or why
             net = timm.create_model(name, pretrained=True, num_classes=0, dynamic_img_size=True)
     except TypeError as exc:  # e.g. "unexpected keyword argument 'dynamic_img_size'": not a ViT
         raise _not_a_vit(name) from exc
     except Exception as exc:  # noqa: BLE001 - any hub failure becomes one clear message
-        why = "HF_HUB_OFFLINE is set" if hub_offline() else "the model hub could not be reached"
         raise WeightsUnavailable(
             f"pretrained weights for {name!r} are not available: {why} ({type(exc).__name__}). "
             f"The bundled default {BUNDLED_NAME!r} works offline; "

@@ -245,3 +245,22 @@ def test_cpu_gpu_parity(coffee_enc):
     assert (a == b).float().mean() > 0.95
     out = merge_bipartite(enc, target=64)
     assert out.assign.is_cuda and out.num_out == 64
+
+
+def test_unreachable_hub_fails_fast_and_clearly(monkeypatch, tmp_path):
+    """No HF_HUB_OFFLINE, but the hub endpoint refuses connections (a closed loopback port):
+    the encoder says so within seconds instead of hanging in a download."""
+    import time
+
+    from conftest import free_port
+
+    from compress import encoder as encoder_mod
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty hub cache
+    monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{free_port()}")  # nothing listens
+    monkeypatch.setattr(encoder_mod, "_HUB_STATE", {})
+    start = time.monotonic()
+    with pytest.raises(WeightsUnavailable, match="could not be reached.*dinov2-s14.*works offline"):
+        Encoder("vit_tiny_patch16_224.augreg_in21k", device="cpu")
+    assert time.monotonic() - start < 15
