@@ -215,6 +215,29 @@ def _create_model(model: str, weights: str):
 PRECISIONS = ("fp32", "bf16")
 
 
+@torch.no_grad()
+def fold_layer_scale(net: torch.nn.Module) -> int:
+    """Fold each block's LayerScale into the linear layer before it; returns how many.
+
+    ``gamma * (W x + b)`` is ``(gamma W) x + gamma b``: the same function with
+    one elementwise pass fewer per branch (about 3% of a CPU forward here).
+    Only ``ls1`` after ``attn.proj`` and ``ls2`` after ``mlp.fc2`` are folded.
+    """
+    folded = 0
+    for blk in getattr(net, "blocks", []):
+        for ls_name, linear in (("ls1", getattr(getattr(blk, "attn", None), "proj", None)),
+                                ("ls2", getattr(getattr(blk, "mlp", None), "fc2", None))):
+            gamma = getattr(getattr(blk, ls_name, None), "gamma", None)
+            if gamma is None or not isinstance(linear, torch.nn.Linear):
+                continue
+            linear.weight.mul_(gamma[:, None])
+            if linear.bias is not None:
+                linear.bias.mul_(gamma)
+            setattr(blk, ls_name, torch.nn.Identity())
+            folded += 1
+    return folded
+
+
 class Encoder:
     """A ViT that turns images into ``Encoding``s.
 
@@ -237,6 +260,7 @@ class Encoder:
         self.precision = check_choice("precision", precision, PRECISIONS)
         net, self.weights_info, self._pos_antialias = _create_model(self.name, weights)
         self._check_supported(net)
+        fold_layer_scale(net)
         self.net = net.eval().to(self.device)
         cfg = getattr(net, "pretrained_cfg", {}) or {}
         self.mean = torch.tensor(cfg.get("mean", (0.485, 0.456, 0.406)), device=self.device)

@@ -264,3 +264,19 @@ def test_unreachable_hub_fails_fast_and_clearly(monkeypatch, tmp_path):
     with pytest.raises(WeightsUnavailable, match="could not be reached.*dinov2-s14.*works offline"):
         Encoder("vit_tiny_patch16_224.augreg_in21k", device="cpu")
     assert time.monotonic() - start < 15
+
+
+def test_layer_scale_folding_keeps_the_function():
+    import timm
+
+    from compress.encoder import fold_layer_scale
+
+    torch.manual_seed(0)
+    net = timm.create_model("vit_small_patch14_dinov2", pretrained=False, num_classes=0,
+                            img_size=56, init_values=0.3).eval()
+    x = torch.randn(1, 3, 56, 56)
+    with torch.no_grad():
+        before = net.forward_features(x)
+        assert fold_layer_scale(net) == 2 * len(net.blocks)
+        after = net.forward_features(x)
+    assert torch.allclose(before, after, atol=1e-5)
