@@ -346,8 +346,14 @@ class Encoder:
         pixels = self._pixels(resized, device)
         block = net.blocks[index]
         captured: dict[str, torch.Tensor] = {}
-        hook = block.attn.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
-        fast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+        bf16 = self.precision == "bf16"
+        if bf16:  # keep the block input: q/k are recomputed from it in float32 below
+            hook = block.attn.register_forward_pre_hook(
+                lambda _m, args: captured.setdefault("x", args[0]))
+        else:  # float32: the block's own qkv projection output is exactly what we need
+            hook = block.attn.qkv.register_forward_hook(
+                lambda _m, _args, out: captured.setdefault("qkv", out))
+        fast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         try:
             with fast:
                 x = net.patch_embed(pixels)
@@ -362,10 +368,12 @@ class Encoder:
         finally:
             hook.remove()
         attn = block.attn
-        captured["x"] = captured["x"].float()  # q/k in float32 even after a bf16 forward
-        t = captured["x"].shape[1]
-        heads = attn.num_heads
-        qkv = attn.qkv(captured["x"]).reshape(t, 3, heads, -1).permute(1, 2, 0, 3)
+        if "qkv" in captured:
+            qkv = captured["qkv"][0]
+        else:
+            qkv = attn.qkv(captured["x"][0].float())  # q/k in float32 even after a bf16 forward
+        t, heads = qkv.shape[0], attn.num_heads
+        qkv = qkv.reshape(t, 3, heads, -1).permute(1, 2, 0, 3)
         q, k = attn.q_norm(qkv[0]), attn.k_norm(qkv[1])
         scale = float(getattr(attn, "scale", q.shape[-1] ** -0.5))
         x = x[0].float()
@@ -384,9 +392,11 @@ class Encoder:
 
         ``tokens`` are the output of block ``layer``; for the last block the
         model's final norm is applied (timm's ``forward_features``). ``q``/``k``
-        are recomputed exactly from that block's own qkv projection (and q/k
-        norms) on the block's attention input, captured with a forward hook,
-        because timm's fused attention never materialises the attention map.
+        come from that block's own qkv projection output (captured with a
+        forward hook; with ``precision="bf16"`` recomputed in float32 from the
+        block's captured input) and its q/k norms, and attention is computed
+        from them exactly, because timm's fused attention never materialises
+        the attention map.
         ``size`` is at most ``MAX_SIZE`` px. If a GPU runs out of memory the
         image is encoded on the CPU instead: the ``Encoding`` is then on the
         CPU and its ``notice`` says so.
