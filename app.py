@@ -246,7 +246,7 @@ def do_resample(session, latents, depth, init, selected, with_figure=True, progr
     extra = f" · {resampler_title(p.comp)}" + note
     if p.comp.extra["loss"]:
         extra += f" · final loss {p.comp.extra['final_loss']:.4f}"
-    out = [p.overlay, p.extra_images["grid"], p.extra_images["single"], _stats_md(p, extra)]
+    out = [p.overlay, p.extra["grid"], p.extra["single"], _stats_md(p, extra)]
     return out + [p.figure] if with_figure else out
 
 
@@ -348,7 +348,7 @@ def do_compare(session, budget, with_figure=True):
             for r in p.stats["rows"]]
     table = {"headers": p.stats["columns"], "data": rows}
     note = (f"budget M = {p.stats['budget']} of N = {p.stats['N']} · all strategies in "
-            f"{p.extra_images['total_ms']:.0f} ms")
+            f"{p.extra['total_ms']:.0f} ms")
     out = [p.overlay, table, note]
     return out + [p.figure] if with_figure else out
 

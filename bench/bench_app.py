@@ -107,7 +107,7 @@ def jpeg_save_ms(kinds: tuple[str, ...], repeat: int = 15) -> float:
         images.append(prune_panel(enc, with_figure=False).overlay)
     if "resampler" in kinds:
         p = resampler_panel(enc, with_figure=False)
-        images += [p.overlay, p.extra_images["grid"], p.extra_images["single"]]
+        images += [p.overlay, p.extra["grid"], p.extra["single"]]
     if "compare" in kinds:
         from viz.panels import compare_panel
 

@@ -37,13 +37,18 @@ CURVE_THRESHOLDS = np.round(np.linspace(0.0, 1.0, 51), 3)
 
 @dataclass
 class Panel:
-    """One tab's view: ``overlay`` image, ``figure`` (or None), ``stats``, the ``comp``."""
+    """One tab's view: ``overlay`` image, ``figure`` (or None), ``stats``, the ``comp``.
+
+    ``extra`` holds what a view adds: more pictures (the resampler's ``grid``
+    and ``single`` map), or the Compare view's per-strategy ``comps`` and
+    ``total_ms``.
+    """
 
     overlay: Any
     comp: Compression
     stats: dict
     figure: Any = None
-    extra_images: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)
     strategy_ms: float = 0.0
     draw_ms: float = 0.0
 
@@ -274,8 +279,8 @@ def compare_panel(enc: Encoding, budget: int, with_figure: bool = True) -> Panel
     comp = next(iter(comps.values()))
     panel = Panel(grid_img, comp, stats, figure, strategy_ms=strategy_ms,
                   draw_ms=(t2 - t1) * 1e3 + draw_ms)
-    panel.extra_images["comps"] = comps
-    panel.extra_images["total_ms"] = (t2 - t0) * 1e3
+    panel.extra["comps"] = comps
+    panel.extra["total_ms"] = (t2 - t0) * 1e3
     return panel
 
 
