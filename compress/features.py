@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .merge import neighbour_similarity
 from .types import Encoding
@@ -41,12 +40,3 @@ def neighbour_similarity_map(enc: Encoding, connectivity: int = 4) -> torch.Tens
     count = torch.zeros(n, device=sims.device).index_add_(0, edges[:, 0], torch.ones_like(sims))
     count = count.index_add_(0, edges[:, 1], torch.ones_like(sims))
     return total / count.clamp(min=1)
-
-
-def cls_attention_heads(enc: Encoding) -> torch.Tensor | None:
-    """CLS-to-patch attention per head, [H, N]; None without a CLS token."""
-    return None if enc.cls_attn is None else enc.cls_attn.float()
-
-
-def unit_tokens(enc: Encoding) -> torch.Tensor:
-    return F.normalize(enc.tokens.float(), dim=-1)

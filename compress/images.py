@@ -147,12 +147,7 @@ def load_image(source, max_pixels: int = 40_000_000, max_bytes: int = 25 * 2**20
     if isinstance(source, np.ndarray):
         if source.ndim >= 2:
             _check_pixels(source.shape[1], source.shape[0], max_pixels)
-        try:
-            return to_rgb(source)
-        except ImageError:
-            raise
-        except ValueError as exc:
-            raise ImageError(str(exc)) from exc
+        return _rgb(source, "")
     if isinstance(source, Image.Image):
         image = source
     else:
@@ -178,6 +173,11 @@ def load_image(source, max_pixels: int = 40_000_000, max_bytes: int = 25 * 2**20
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         raise ImageError(corrupt.format(exc)) from exc
     _check_pixels(image.width, image.height, max_pixels)  # a GIF frame may grow the canvas
+    return _rgb(image, corrupt)
+
+
+def _rgb(image, corrupt: str) -> Image.Image:
+    """``to_rgb`` with its errors as ``ImageError``; ``corrupt`` words a decode failure."""
     try:
         return to_rgb(image)
     except ImageError:
@@ -185,7 +185,7 @@ def load_image(source, max_pixels: int = 40_000_000, max_bytes: int = 25 * 2**20
     except ValueError as exc:
         raise ImageError(str(exc)) from exc
     except (OSError, SyntaxError, EOFError) as exc:  # e.g. a broken second GIF frame
-        raise ImageError(corrupt.format(exc)) from exc
+        raise ImageError(corrupt.format(exc) if corrupt else str(exc)) from exc
 
 
 def _from_array(arr: np.ndarray) -> Image.Image:

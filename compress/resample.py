@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import copy
 import functools
-import math
 import time
 from collections.abc import Callable
 
@@ -305,10 +304,3 @@ def resample(
         },
         elapsed_ms=(time.perf_counter() - start) * 1e3,
     )
-
-
-def attention_entropy(assign: torch.Tensor) -> torch.Tensor:
-    """Entropy of each row of ``assign`` [M, N] in nats, normalised to [0, 1] by log N."""
-    p = assign.clamp(min=1e-30)
-    ent = -(p * p.log()).sum(dim=1)
-    return ent / math.log(max(assign.shape[1], 2))

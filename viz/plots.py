@@ -186,7 +186,7 @@ def resampler_plot(assign: Array, loss: list[float] | None = None, trained: bool
     latent in the latent's ``latent_overlay`` colour. Panel 2: each latent's
     attention entropy normalised by log N (1 = spread evenly over all
     patches, 0 = on one patch). Panel 3, only when ``loss`` is non-empty: the
-    fitting loss per step. The figure title says "untrained" unless
+    fitting loss per step. The figure title says "untrained", or "fitted on this image" with
     ``trained``.
 
     Returns a Figure with 2 axes (6 x 3.2 in), or 3 axes (9 x 3.2 in) with a loss.
@@ -234,7 +234,7 @@ def resampler_plot(assign: Array, loss: list[float] | None = None, trained: bool
         ax.set_title(f"fit loss (last {losses[-1]:.3g})")
         ax.set_xlabel("step")
         ax.set_ylabel("reconstruction loss")
-    state = "trained" if trained else "untrained"
+    state = "fitted on this image" if trained else "untrained"
     fig.suptitle(f"Perceiver Resampler, {m} latents ({state})",
                  fontsize=STYLE["figure.titlesize"], fontweight="bold")
     return fig
