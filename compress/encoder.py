@@ -341,10 +341,12 @@ class Encoder:
             return self._cpu_net
 
     def _forward(self, net, resized: Image.Image, grid: tuple[int, int], index: int,
-                 device: torch.device) -> dict:
-        """Run ``net`` on ``device`` up to block ``index``; tokens, q, k, CLS attention, scale."""
+                 device: torch.device, attn_index: int | None = None) -> dict:
+        """Run ``net`` on ``device``: tokens after block ``index``; q, k, CLS attention, scale
+        of block ``attn_index`` (default: the same block)."""
+        attn_index = index if attn_index is None else attn_index
         pixels = self._pixels(resized, device)
-        block = net.blocks[index]
+        block = net.blocks[attn_index]
         captured: dict[str, torch.Tensor] = {}
         bf16 = self.precision == "bf16"
         if bf16:  # keep the block input: q/k are recomputed from it in float32 below
@@ -361,12 +363,14 @@ class Encoder:
                     x = x.reshape(1, grid[0], grid[1], -1)
                 x = self._pos_embed(net, x)
                 x = net.norm_pre(x)
-                for blk in net.blocks[: index + 1]:
+                tokens = None
+                for i, blk in enumerate(net.blocks[: max(index, attn_index) + 1]):
                     x = blk(x)
-                if index == self.depth - 1:
-                    x = net.norm(x)
+                    if i == index:
+                        tokens = net.norm(x) if index == self.depth - 1 else x
         finally:
             hook.remove()
+        x = tokens
         attn = block.attn
         if "qkv" in captured:
             qkv = captured["qkv"][0]
@@ -387,7 +391,8 @@ class Encoder:
                 "cls_attn": cls_attn, "scale": scale, "device": device}
 
     @torch.no_grad()
-    def encode(self, image, size: int = 336, layer: int = -1, keep_aspect: bool = False) -> Encoding:
+    def encode(self, image, size: int = 336, layer: int = -1, keep_aspect: bool = False,
+               attention_layer: int | None = None) -> Encoding:
         """Encode ``image`` at ``size`` px and read tokens and attention at ``layer``.
 
         ``tokens`` are the output of block ``layer``; for the last block the
@@ -397,18 +402,24 @@ class Encoder:
         block's captured input) and its q/k norms, and attention is computed
         from them exactly, because timm's fused attention never materialises
         the attention map.
+        ``attention_layer`` (default: ``layer``) reads q, k and the CLS
+        attention from another block than the tokens: ``layer=-2,
+        attention_layer=-1`` pairs the penultimate block's tokens (what
+        LLaVA-1.5 feeds its language model) with the attention of the block
+        that reads them, as the PruMerge code does.
         ``size`` is at most ``MAX_SIZE`` px. If a GPU runs out of memory the
         image is encoded on the CPU instead: the ``Encoding`` is then on the
         CPU and its ``notice`` says so.
         """
         index = self.resolve_layer(layer)
+        attn_index = index if attention_layer is None else self.resolve_layer(attention_layer)
         size = check_int("size", size, 1, MAX_SIZE)
         start = time.perf_counter()
         resized, grid = self._resize(image, size, keep_aspect)
         cpu = torch.device("cpu")
         out, notice = run_with_cpu_fallback(
-            lambda: self._forward(self.net, resized, grid, index, self.device),
-            lambda: self._forward(self.cpu_net(), resized, grid, index, cpu),
+            lambda: self._forward(self.net, resized, grid, index, self.device, attn_index),
+            lambda: self._forward(self.cpu_net(), resized, grid, index, cpu, attn_index),
             self._on_gpu(),
         )
         p = self.num_prefix
@@ -420,4 +431,5 @@ class Encoder:
             device=out["device"], encode_ms=(time.perf_counter() - start) * 1e3,
             model=self.name, layer=index, size=size, weights=self.weights_info.kind,
             scale=out["scale"], notice=notice,
+            attention_layer=None if attn_index == index else attn_index,
         )

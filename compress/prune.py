@@ -141,16 +141,29 @@ def iqr_outliers(scores: torch.Tensor) -> tuple[torch.Tensor, float]:
     return scores > bound, float(bound)
 
 
-def uniform_samples(n: int, count: int, device=None) -> torch.Tensor:
-    """``count`` raster indices in [0, n) spaced n / count apart, starting half a stride in.
+PRUMERGE_CODE_REVISION = "42Shawn/LLaVA-PruMerge@1ca8b2ba (clip_encoder.py)"
 
-    floor((i + 1/2) * n / count) for i < count (``count`` is capped at n).
+
+def plus_samples(n: int, outliers: int, per_outlier: float = 3.0, device=None) -> torch.Tensor:
+    """PruMerge+'s spatially uniform sample positions, as the authors' current code places them.
+
+    The code (``token_prune_merge_advanced_plus``, revision ``PRUMERGE_CODE_REVISION``)
+    takes ``step = int(1 / ratio)`` with ``ratio = outliers / N`` and samples the
+    raster positions ``arange(0, 575, int(step / 3))``: from position 0, every
+    ``stride = floor(floor(N / outliers) / 3)``-th patch, up to but excluding
+    patch 575 -- the last patch of LLaVA-1.5's 576, so ``N - 1`` here. We take
+    ``N // outliers`` in integers (the code's float ``1 / ratio`` equals it up to
+    rounding), ``per_outlier`` in place of the code's 3, and ``outliers`` of 0
+    as 1. For 576 patches and 32 outliers: stride 6, positions 0, 6, ..., 570 (96).
+
+    The code is well defined while the stride is at least 1 (outliers <= N / 3);
+    above that its stride is 0 and ``arange`` fails, and we use stride 1 (every
+    patch but the last), which is also what the code gives for N / 6 < outliers
+    <= N / 3. An earlier revision (9d6586e3) started at ``int(step / 6)``
+    instead of 0 (3, 9, ..., 573 for 32 outliers of 576).
     """
-    count = min(count, n)
-    if count <= 0:
-        return torch.zeros(0, dtype=torch.long, device=device)
-    i = torch.arange(count, device=device)
-    return ((2 * i + 1) * n) // (2 * count)  # exact integer floor
+    stride = max(1, math.floor((n // max(outliers, 1)) / per_outlier))
+    return torch.arange(0, max(n - 1, 1), stride, device=device)
 
 
 def prumerge(
@@ -169,15 +182,12 @@ def prumerge(
     1. Score every patch by its CLS attention (``attention``, see below) and
        keep the IQR outliers: patches whose score is above Q3 + 1.5 IQR. The
        count adapts to the image; it is never fixed by a budget.
-    2. PruMerge+ only: add S = ceil(``plus_ratio`` * n) spatially uniform
-       samples for n outliers (the code's raster stride ``int(int(N / n) / 3)``
-       gives about 3n: with ~32 outliers of 576 that is ~128 tokens, the
-       paper's ~25% for PruMerge+ against ~5.5% for PruMerge), at raster
-       positions floor((i + 1/2) N / S) -- exactly the code's positions when
-       N is a multiple of 3n (576 patches, 32 outliers: 3, 9, ..., 573) but
-       without its integer truncation, under which the stride falls to 1 (keep
-       everything from the start offset on) for n > N/6 and to 0 (an error)
-       for n > N/3. Samples that are already outliers are dropped.
+    2. PruMerge+ only: add spatially uniform samples, about ``plus_ratio`` (3
+       in the code) per outlier, at the raster positions of the authors'
+       current code (``plus_samples``: stride floor(floor(N / n) / 3) from
+       position 0, so for 32 outliers of 576 patches 96 samples 0, 6, ...,
+       570: about 25% of the tokens, the paper's PruMerge+ share, against
+       ~5.5% for PruMerge). Samples that are already outliers are dropped.
     3. Merge: for each kept patch i, take its ``neighbours`` (32 in the code)
        most key-similar other patches -- kept or pruned, by cosine of the
        layer's keys concatenated over heads (the code's ``k_proj`` output) --
@@ -201,6 +211,14 @@ def prumerge(
     code would); PruMerge+ then spaces its samples as if n were 1. Without
     ``summary_token`` and with nothing kept, the top-scoring patch is kept.
 
+    Which block: the code merges the penultimate block's output tokens (what
+    LLaVA-1.5 feeds its language model, ``mm_vision_select_layer = -2``) and
+    scores and matches them with q and k of the *last* block
+    (``layers[23].self_attn`` of CLIP ViT-L/14), the block that reads them.
+    An ``Encoding`` pairs a block's tokens with its own attention by
+    default; ``Encoder.encode(image, layer=-2, attention_layer=-1)`` gives the
+    authors' pairing. The app reads tokens and attention of the last block.
+
     Returns a ``Compression`` [M = kept (+1), C]: kept tokens in grid order,
     then the summary token. ``assign`` rows are soft: row i has 1/scale on
     patch i and a_j/scale on its neighbours. ``extra``: ``scores`` [N],
@@ -213,7 +231,7 @@ def prumerge(
         raise ValueError(f"summary_token must be True or False, got {summary_token!r}")
     n = enc.num_patches
     neighbours = check_int("neighbours", neighbours, 0)
-    plus_ratio = check_real("plus_ratio", plus_ratio, 0.0, float(n))
+    plus_ratio = check_real("plus_ratio", plus_ratio, 0.01, float(n))
     start = time.perf_counter()
     scores = _prumerge_attention(enc, attention)
     device = scores.device
@@ -222,8 +240,7 @@ def prumerge(
     keep_mask = outlier_mask.clone()
     samples = None
     if plus:
-        count = math.ceil(plus_ratio * max(outliers.numel(), 1))
-        cand = uniform_samples(n, count, device)
+        cand = plus_samples(n, outliers.numel(), plus_ratio, device)
         samples = cand[~outlier_mask[cand]]
         keep_mask[samples] = True
     if not summary_token and not bool(keep_mask.any()):
@@ -293,8 +310,8 @@ def visionzip(
 ) -> Compression:
     """VisionZip (Yang et al., 2024, arXiv:2412.04467): dominant + contextual tokens.
 
-    The rule, as the authors' ``visionzip`` package runs it (read in its
-    ``clip_encoder.py`` / ``utils.py``):
+    The rule, as the authors' code runs it (the ``visionzip`` package's CLIP
+    encoder and utilities, and its LLaVA demo ``dvlab-research/VisionZip``):
 
     - D = round(``dominant_ratio`` * ``target``) **dominant** tokens: the
       patches with the highest CLS attention summed over heads (ties: grid
@@ -305,16 +322,30 @@ def visionzip(
       patches, kept in grid order: targets are every ``max(1, R // C)``-th
       remaining patch (positions 0, step, 2 step, ..., the first C); every
       other remaining patch joins the target whose key is most cosine-similar
-      (keys of the layer averaged over heads, as the code's ``metric``), and
-      each contextual token is the plain mean of its target and members.
+      (keys of the layer averaged over heads, as the code's ``metric``).
+    - Each contextual token is, as in the code, ``x_target + mean(x_members)``
+      (a target no patch joined stays ``x_target``: the code's counts are
+      clamped to 1). Like PruMerge we keep ``assign`` rows summing to 1: the
+      row puts 1/2 on the target and 1/(2 k) on each of its k members, the
+      output token is ``assign @ x`` (the code's token halved: same
+      direction), and ``extra["scale"]`` [M] holds the divisor (2, or 1 for
+      dominant tokens and lone targets), so the code's value is
+      ``tokens * scale[:, None]``.
+
+    Which block: the authors pair the penultimate block's output tokens with
+    that same block's attention and keys (``hidden_states[-2]`` and
+    ``attentions[-2]`` of CLIP ViT-L/14 in LLaVA-1.5), so
+    ``Encoder.encode(image, layer=-2)`` reproduces their setting exactly; the
+    app's default reads the last block.
 
     ``score="received"`` (ours) ranks by mean attention received, for models
     without a CLS token. With C = 0 the remaining patches are dropped.
 
     Returns a ``Compression`` [target, C]: the dominant tokens (grid order,
-    one-hot rows), then the contextual tokens (hard rows, in target order).
+    one-hot rows), then the contextual tokens (in target order).
     ``extra``: ``scores`` [N], ``dominant``, ``targets`` (patch indices),
-    ``groups`` [N] (contextual group per patch, -1 for dominant or dropped).
+    ``groups`` [N] (contextual group per patch, -1 for dominant or dropped),
+    ``scale`` [target].
     """
     n = enc.num_patches
     target = check_int("target", target, 1, n)
@@ -348,21 +379,30 @@ def visionzip(
         group[~is_target] = (metric[members] @ metric[targets].T).argmax(dim=1)
         groups[remaining] = group
         labels[remaining] = num_dom + group
-    used = labels >= 0
-    cols = used.nonzero().flatten()
-    counts = torch.bincount(labels[cols], minlength=target).float()
+    # Each output row: 1 on a dominant patch; 1/2 on a target and 1/(2 k) on its k members
+    # (the code's target + mean(members), halved); 1 on a target nobody joined.
+    weight = torch.zeros(n, device=device)
+    weight[dominant] = 1.0
+    scale = torch.ones(target, device=device)
+    if num_ctx > 0:
+        members_per = torch.bincount(group, minlength=num_ctx) - 1  # minus the target itself
+        scale[num_dom:] = torch.where(members_per > 0, 2.0, 1.0)
+        is_member = groups >= 0
+        is_member[targets] = False
+        weight[targets] = 1.0 / scale[num_dom:]
+        mem = is_member.nonzero().flatten()
+        weight[mem] = 1.0 / (2.0 * members_per[groups[mem]].float())
+    cols = (labels >= 0).nonzero().flatten()
     assign = torch.zeros(target, n, device=device)
-    assign[labels[cols], cols] = 1.0 / counts[labels[cols]]
-    sums = torch.zeros(target, enc.dim, device=device).index_add_(
-        0, labels[cols], enc.tokens[cols].float())
-    tokens = sums / counts[:, None]
+    assign[labels[cols], cols] = weight[cols]
+    tokens = assign @ enc.tokens.float()
     return Compression(
         tokens=tokens.to(enc.tokens.dtype),
         assign=assign,
         strategy="visionzip",
         params={"target": target, "dominant_ratio": dominant_ratio, "score": score},
         extra={"scores": scores, "dominant": dominant, "targets": targets, "groups": groups,
-               "num_dominant": num_dom, "num_contextual": num_ctx},
+               "num_dominant": num_dom, "num_contextual": num_ctx, "scale": scale},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
     )
 

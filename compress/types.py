@@ -37,6 +37,7 @@ class Encoding:
     encode_ms: float
     model: str = ""
     layer: int = -1
+    attention_layer: int | None = None  # the block q/k/attention come from, when not ``layer``
     size: int = 0
     weights: str = ""
     scale: float = 0.0  # the attention scale of the layer (1/sqrt(d) for ViTs)

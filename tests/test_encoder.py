@@ -280,3 +280,22 @@ def test_layer_scale_folding_keeps_the_function():
         assert fold_layer_scale(net) == 2 * len(net.blocks)
         after = net.forward_features(x)
     assert torch.allclose(before, after, atol=1e-5)
+
+
+def test_attention_from_another_block_than_the_tokens(encoder):
+    """layer=-2, attention_layer=-1: the penultimate block's tokens with the last block's attention
+    (the PruMerge code's pairing): each part equals the single-block encoding it comes from."""
+    image = Image.open(ASSETS / "coffee.jpg")
+    pair = encoder.encode(image, size=224, layer=-2, attention_layer=-1)
+    penultimate = encoder.encode(image, size=224, layer=-2)
+    last = encoder.encode(image, size=224, layer=-1)
+    assert (pair.layer, pair.attention_layer) == (10, 11) and penultimate.attention_layer is None
+    assert torch.equal(pair.tokens, penultimate.tokens)
+    assert torch.equal(pair.q, last.q) and torch.equal(pair.k, last.k)
+    assert torch.equal(pair.cls_attn, last.cls_attn)
+    # and the other way round: tokens of the last block, attention of an earlier one
+    back = encoder.encode(image, size=224, layer=-1, attention_layer=3)
+    assert torch.equal(back.tokens, last.tokens)
+    assert torch.equal(back.k, encoder.encode(image, size=224, layer=3).k)
+    with pytest.raises(ValueError, match="layer"):
+        encoder.encode(image, size=224, attention_layer=12)

@@ -22,7 +22,7 @@ from compress import (
     visionzip,
 )
 from compress.merge import pool_grid
-from compress.prune import iqr_outliers, uniform_samples
+from compress.prune import iqr_outliers, plus_samples
 from compress.registry import kernel_for_budget
 
 
@@ -117,22 +117,34 @@ def test_prumerge_count_adapts_to_the_image():
     assert not STRATEGIES["visionzip"].adaptive
 
 
-def test_prumerge_plus_positions_match_the_official_code():
-    # the code, 576 patches and 32 outliers: stride int(int(576/32)/3) = 6 from int(18/6) = 3
-    assert torch.equal(uniform_samples(576, 96), torch.arange(3, 576, 6))
-    assert uniform_samples(12, 3).tolist() == [2, 6, 10]
-    assert uniform_samples(4, 10).tolist() == [0, 1, 2, 3]  # capped at n
+def test_prumerge_plus_positions_follow_the_current_official_code():
+    # the code (1ca8b2ba): arange(0, 575, int(int(576 / n) / 3)); 32 outliers: stride 18 // 3 = 6
+    assert torch.equal(plus_samples(576, 32), torch.arange(0, 571, 6))
+    assert plus_samples(576, 32).numel() == 96 and plus_samples(576, 32)[-1] == 570
+    # 48 outliers: 576 // 48 = 12, stride 4, last position below 575 is 572
+    assert torch.equal(plus_samples(576, 48), torch.arange(0, 575, 4))
+    # 100 patches, 7 outliers: 100 // 7 = 14, 14 / 3 = 4.67 -> stride 4: 0, 4, ..., 96 (below 99)
+    assert plus_samples(100, 7).tolist() == list(range(0, 97, 4))
+    # 12 patches, 1 outlier: 12 // 1 = 12, stride 4: 0, 4, 8 (below 11); no outlier counts as 1
+    assert plus_samples(12, 1).tolist() == plus_samples(12, 0).tolist() == [0, 4, 8]
+    # more than N / 3 outliers: the code's stride is 0 (an error there); ours is 1, all but the last
+    assert plus_samples(12, 5).tolist() == list(range(11))
 
 
 def test_prumerge_plus_adds_three_uniform_samples_per_outlier():
     cls = [[0.02] * 6 + [0.8] + [0.02] * 5]  # patch 6 is the outlier
     enc = make_encoding(torch.randn(12, 4), grid=(3, 4), cls_attn=cls)
     out = prumerge_plus(enc, attention="mean")
-    # 3 samples at 2, 6, 10; 6 is already kept
-    assert out.extra["samples"].tolist() == [2, 10]
-    assert out.extra["kept"].tolist() == [2, 6, 10]
-    assert out.num_out == 4 and out.strategy == "prumerge_plus"
-    assert prumerge(enc, plus=True, attention="mean", plus_ratio=1).extra["kept"].tolist() == [6]
+    # samples at 0, 4, 8 (stride 12 // 1 // 3 = 4 from 0); none is the outlier
+    assert out.extra["samples"].tolist() == [0, 4, 8]
+    assert out.extra["kept"].tolist() == [0, 4, 6, 8]
+    assert out.num_out == 5 and out.strategy == "prumerge_plus"  # 4 kept + the summary token
+    # one sample per outlier: stride 12, only position 0
+    assert prumerge(enc, plus=True, attention="mean", plus_ratio=1).extra["kept"].tolist() == [0, 6]
+    # a sample that is already an outlier is not added twice
+    cls8 = [[0.02] * 8 + [0.8] + [0.02] * 3]  # patch 8 is the outlier and a sample position
+    out8 = prumerge_plus(make_encoding(torch.randn(12, 4), grid=(3, 4), cls_attn=cls8), attention="mean")
+    assert out8.extra["samples"].tolist() == [0, 4] and out8.extra["kept"].tolist() == [0, 4, 8]
 
 
 def _official_prumerge_update(enc, out):
@@ -178,9 +190,27 @@ def test_visionzip_dominant_then_contextual_groups():
     assert out.extra["dominant"].tolist() == [1, 4]
     assert out.extra["targets"].tolist() == [0, 5]
     assert rows_of(out) == [{1}, {4}, {0, 2}, {3, 5, 6, 7}]
-    assert torch.allclose(out.tokens[2], x[[0, 2]].mean(dim=0), atol=1e-6)
-    assert torch.allclose(out.tokens[3], x[[3, 5, 6, 7]].mean(dim=0), atol=1e-6)
+    # the authors' code: contextual token = target + mean(members); we keep it halved (rows sum
+    # to 1) with the scale 2 in extra, so tokens * scale is the code's value
+    assert out.extra["scale"].tolist() == [1.0, 1.0, 2.0, 2.0]
+    assert torch.allclose(out.tokens[2] * 2, x[0] + x[2], atol=1e-6)
+    assert torch.allclose(out.tokens[3] * 2, x[5] + x[[3, 6, 7]].mean(dim=0), atol=1e-6)
+    assert torch.allclose(out.tokens[:2], x[[1, 4]])
+    assert out.assign[3, 5] == pytest.approx(0.5) and out.assign[3, 3] == pytest.approx(1 / 6)
     assert out.kind == "merge" and out.kept_mask().all()
+
+
+def test_visionzip_target_that_nobody_joins_stays_itself():
+    x = torch.randn(8, 5)
+    enc = make_encoding(x, grid=(2, 4), keys=VZ_KEYS, cls_attn=VZ_CLS)
+    # 5 dominant (1, 4, 0 and two of the 0.1s by grid order: 5, 6), 2 contextual from 2, 3, 7:
+    # step 3 // 2 = 1, targets 2 and 3; 7 (170 deg) is nearer 3 (80 deg) than 2 (10 deg)
+    out = visionzip(enc, 7, dominant_ratio=5 / 7)
+    assert out.extra["targets"].tolist() == [2, 3]
+    assert rows_of(out)[5:] == [{2}, {3, 7}]
+    assert out.extra["scale"][5:].tolist() == [1.0, 2.0]
+    assert torch.allclose(out.tokens[5], x[2], atol=1e-6)  # the code: x_2 + 0 (counts clamped to 1)
+    assert torch.allclose(out.tokens[6] * 2, x[3] + x[7], atol=1e-6)
 
 
 def test_visionzip_budget_split():
