@@ -145,7 +145,8 @@ PRUMERGE_CODE_REVISION = "42Shawn/LLaVA-PruMerge@1ca8b2ba (clip_encoder.py)"
 
 
 def plus_samples(n: int, outliers: int, per_outlier: float = 3.0, device=None) -> torch.Tensor:
-    """PruMerge+'s spatially uniform sample positions, as the authors' current code places them.
+    """PruMerge+'s spatially uniform sample positions: the authors' current code where it is
+    well defined, evenly spaced beyond.
 
     The code (``token_prune_merge_advanced_plus``, revision ``PRUMERGE_CODE_REVISION``)
     takes ``step = int(1 / ratio)`` with ``ratio = outliers / N`` and samples the
@@ -155,15 +156,23 @@ def plus_samples(n: int, outliers: int, per_outlier: float = 3.0, device=None) -
     ``N // outliers`` in integers (the code's float ``1 / ratio`` equals it up to
     rounding), ``per_outlier`` in place of the code's 3, and ``outliers`` of 0
     as 1. For 576 patches and 32 outliers: stride 6, positions 0, 6, ..., 570 (96).
+    An earlier revision (9d6586e3) started at ``int(step / 6)`` instead of 0.
 
-    The code is well defined while the stride is at least 1 (outliers <= N / 3);
-    above that its stride is 0 and ``arange`` fails, and we use stride 1 (every
-    patch but the last), which is also what the code gives for N / 6 < outliers
-    <= N / 3. An earlier revision (9d6586e3) started at ``int(step / 6)``
-    instead of 0 (3, 9, ..., 573 for 32 outliers of 576).
+    We follow the code while its stride is at least 2 (outliers <= N / 6 with
+    the default 3 per outlier). Beyond that the code degenerates: stride 1
+    samples every patch (no compression at all) and stride 0 fails. CLIP's
+    penultimate block gives ~32 outliers of 576, but DINOv2's last block here
+    gives 50-120, so we then take S = min(N, ceil(``per_outlier`` * outliers))
+    evenly spaced positions floor((i + 1/2) N / S), i < S -- the code's "about
+    3 samples per outlier" without its integer truncation (ours, not the code's).
     """
-    stride = max(1, math.floor((n // max(outliers, 1)) / per_outlier))
-    return torch.arange(0, max(n - 1, 1), stride, device=device)
+    outliers = max(outliers, 1)
+    stride = math.floor((n // outliers) / per_outlier)
+    if stride >= 2:
+        return torch.arange(0, max(n - 1, 1), stride, device=device)
+    count = min(n, math.ceil(per_outlier * outliers))
+    i = torch.arange(count, device=device)
+    return ((2 * i + 1) * n) // (2 * count)  # exact integer floor
 
 
 def prumerge(
@@ -187,7 +196,9 @@ def prumerge(
        current code (``plus_samples``: stride floor(floor(N / n) / 3) from
        position 0, so for 32 outliers of 576 patches 96 samples 0, 6, ...,
        570: about 25% of the tokens, the paper's PruMerge+ share, against
-       ~5.5% for PruMerge). Samples that are already outliers are dropped.
+       ~5.5% for PruMerge); for n > N / 6, where the code's stride falls to
+       1 (every patch), evenly spaced 3n samples instead. Samples that are
+       already outliers are dropped.
     3. Merge: for each kept patch i, take its ``neighbours`` (32 in the code)
        most key-similar other patches -- kept or pruned, by cosine of the
        layer's keys concatenated over heads (the code's ``k_proj`` output) --

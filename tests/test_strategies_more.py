@@ -127,8 +127,14 @@ def test_prumerge_plus_positions_follow_the_current_official_code():
     assert plus_samples(100, 7).tolist() == list(range(0, 97, 4))
     # 12 patches, 1 outlier: 12 // 1 = 12, stride 4: 0, 4, 8 (below 11); no outlier counts as 1
     assert plus_samples(12, 1).tolist() == plus_samples(12, 0).tolist() == [0, 4, 8]
-    # more than N / 3 outliers: the code's stride is 0 (an error there); ours is 1, all but the last
-    assert plus_samples(12, 5).tolist() == list(range(11))
+    # over N / 6 outliers the code's stride is 1 (every patch) or 0 (an error): evenly spaced
+    # 3n samples instead. 576 patches, 100 outliers: 300 at floor((2i + 1) * 576 / 600)
+    many = plus_samples(576, 100)
+    assert many.numel() == 300 and many[:4].tolist() == [0, 2, 4, 6] and many[-1] == 575
+    assert plus_samples(12, 5).tolist() == list(range(12))  # 15 capped at 12: every patch
+    # the switch: 96 outliers of 576 still follow the code (stride 2), 97 do not
+    assert torch.equal(plus_samples(576, 96), torch.arange(0, 575, 2))
+    assert plus_samples(576, 97).numel() == 291
 
 
 def test_prumerge_plus_adds_three_uniform_samples_per_outlier():
