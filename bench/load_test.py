@@ -38,7 +38,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.serve import HOST, free_port, start_app, stop_app  # noqa: E402  (loopback only)
 
-MERGE_METHODS = ("adjacent threshold", "ToMe bipartite")
+MERGE_METHODS = ("threshold", "tome")
 STATUS_GRID = re.compile(r"(\d+) tokens \((\d+) x (\d+) patches")  # the status line after /encode
 
 
@@ -130,11 +130,11 @@ def slider_updates(n_tokens: int):
             method = MERGE_METHODS[(step // 3) % 2]
             threshold = round(sweep(0.80, 0.98, step), 3)
             target = int(round(sweep(8, min(400, n_tokens), step + 5)))
-            yield "/merge_live", (method, threshold, target, "mean colour")
+            yield "/merge_live", (method, threshold, target, "mean")
         elif kind == 1:
             keep = round(sweep(0.02, 0.95, step), 2)
             head = "mean" if step % 4 else "0"
-            yield "/prune_live", ("CLS attention", head, keep, False)
+            yield "/prune_live", ("cls", head, keep, False)
         else:
             latents = int(round(sweep(4, min(128, n_tokens), step)))
             selected = step % latents

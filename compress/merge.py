@@ -109,6 +109,7 @@ def merge_threshold(enc: Encoding, threshold: float, connectivity: int = 4) -> C
         params={"threshold": threshold, "connectivity": connectivity},
         extra={"edge_sims": sims, "edges": edges},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
+        form="merge",
     )
 
 
@@ -202,6 +203,7 @@ def merge_bipartite(
         params={"target": target, "r": r, "metric": metric},
         extra={"rounds": rounds, "sizes": members.sum(dim=1)},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
+        form="merge",
     )
 
 
@@ -253,4 +255,5 @@ def pool(enc: Encoding, kernel) -> Compression:
         params={"kernel": (kh, kw)},
         extra={"labels": labels, "pooled_grid": (ph, pw)},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
+        form="merge",
     )

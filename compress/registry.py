@@ -11,28 +11,60 @@ from dataclasses import dataclass
 
 import torch
 
-from ._checks import check_int
+from ._checks import check_int, check_real
 from .merge import merge_bipartite, merge_threshold, neighbour_similarity, pool
-from .prune import divprune, prumerge, prumerge_plus, prune_attention, random_keep, visionzip
+from .prune import (
+    VISIONZIP_DOMINANT_RATIO,
+    divprune,
+    prumerge,
+    prumerge_plus,
+    prune_attention,
+    random_keep,
+    visionzip,
+)
 from .resample import resample
 from .types import Compression, Encoding
 
 
 @dataclass(frozen=True)
-class Strategy:
-    """A strategy by name: ``run(enc, **params)`` and ``at_budget(enc, M)``.
+class Knob:
+    """A setting of a strategy beside its budget (VisionZip's dominant share, a seed).
 
-    ``at_budget`` returns M output tokens, or as close to M as the rule
-    allows. ``adaptive`` strategies choose their own count from the image
-    (PruMerge's outlier rule): their ``at_budget`` ignores M and runs the rule.
+    The app draws one control per knob from these fields; ``integer`` knobs take whole numbers.
     """
 
     name: str
     label: str
+    default: float
+    lo: float
+    hi: float
+    step: float = 0.01
+    integer: bool = False
+
+
+@dataclass(frozen=True)
+class Strategy:
+    """A strategy by name: ``run(enc, **params)`` and ``at_budget(enc, M, **settings)``.
+
+    ``at_budget`` returns M output tokens, or as close to M as the rule
+    allows; ``settings`` are the strategy's ``knobs`` by name. ``adaptive``
+    strategies choose their own count from the image (PruMerge's outlier
+    rule): their ``at_budget`` ignores M and runs the rule. ``short`` is the
+    name a tile or a plot legend has room for.
+    """
+
+    name: str
+    label: str
+    short: str
     source: str
     run: Callable[..., Compression]
-    at_budget: Callable[[Encoding, int], Compression]
+    at_budget: Callable[..., Compression]
     adaptive: bool = False
+    knobs: tuple[Knob, ...] = ()
+
+    def defaults(self) -> dict[str, float]:
+        """Every knob at its default value."""
+        return {k.name: (int(k.default) if k.integer else k.default) for k in self.knobs}
 
 
 def threshold_for_budget(enc: Encoding, budget: int, connectivity: int = 4) -> float:
@@ -97,49 +129,64 @@ def _prumerge_at(enc: Encoding, m: int, plus: bool = False) -> Compression:
 STRATEGIES: dict[str, Strategy] = {
     s.name: s
     for s in [
-        Strategy("merge_threshold", "Adjacent threshold merging",
+        Strategy("merge_threshold", "Adjacent threshold merging", "Threshold merge",
                  "the seed document: merge adjacent patches with cosine >= threshold",
                  merge_threshold, _threshold_at),
-        Strategy("merge_bipartite", "ToMe bipartite merging",
+        Strategy("merge_bipartite", "ToMe bipartite merging", "ToMe",
                  "Bolya et al., Token Merging: Your ViT But Faster, ICLR 2023",
                  merge_bipartite, lambda enc, m: merge_bipartite(enc, target=m)),
-        Strategy("prune_attention", "CLS-attention pruning",
+        Strategy("prune_attention", "CLS-attention pruning", "CLS prune",
                  "keep the top-k patches by CLS attention (the seed document)",
-                 prune_attention, lambda enc, m: prune_attention(enc, m / enc.num_patches)),
-        Strategy("resample", "Perceiver Resampler",
+                 prune_attention, lambda enc, m: prune_attention(enc, m / enc.num_patches,
+                                                                 score=_score_for(enc))),
+        Strategy("resample", "Perceiver Resampler", "Resampler",
                  "Alayrac et al., Flamingo, NeurIPS 2022 (untrained here: k-means init)",
                  resample, lambda enc, m: resample(enc, m, init="kmeans")),
-        Strategy("prumerge", "PruMerge (adaptive)",
+        Strategy("prumerge", "PruMerge (adaptive)", "PruMerge",
                  "Shang et al., LLaVA-PruMerge: Adaptive Token Reduction for Efficient Large "
                  "Multimodal Models, 2024 (arXiv:2403.15388)",
                  prumerge, _prumerge_at, adaptive=True),
-        Strategy("prumerge_plus", "PruMerge+ (adaptive)",
+        Strategy("prumerge_plus", "PruMerge+ (adaptive)", "PruMerge+",
                  "Shang et al., LLaVA-PruMerge, 2024: PruMerge+ adds spatially uniform samples",
                  prumerge_plus, lambda enc, m: _prumerge_at(enc, m, plus=True), adaptive=True),
-        Strategy("visionzip", "VisionZip",
+        Strategy("visionzip", "VisionZip", "VisionZip",
                  "Yang et al., VisionZip: Longer is Better but Not Necessary in Vision Language "
                  "Models, 2024 (arXiv:2412.04467)",
-                 visionzip, lambda enc, m: visionzip(enc, m, score=_score_for(enc))),
-        Strategy("divprune", "DivPrune",
+                 visionzip, lambda enc, m, dominant_ratio=VISIONZIP_DOMINANT_RATIO: visionzip(
+                     enc, m, dominant_ratio=dominant_ratio, score=_score_for(enc)),
+                 knobs=(Knob("dominant_ratio", "VisionZip: dominant share of M",
+                             VISIONZIP_DOMINANT_RATIO, 0.0, 1.0),)),
+        Strategy("divprune", "DivPrune", "DivPrune",
                  "Alvar et al., DivPrune: Diversity-based Visual Token Pruning for Large "
                  "Multimodal Models, CVPR 2025 (arXiv:2503.02175)",
                  divprune, lambda enc, m: divprune(enc, m)),
-        Strategy("pool", "2-D average pooling",
+        Strategy("pool", "2-D average pooling", "Pooling",
                  "average pooling of the patch grid, the baseline many VLMs use",
                  pool, _pool_at),
-        Strategy("random_keep", "Random keep",
+        Strategy("random_keep", "Random keep", "Random keep",
                  "a seeded uniform random subset: the floor every method must beat",
-                 random_keep, lambda enc, m: random_keep(enc, m, seed=0)),
+                 random_keep, lambda enc, m, seed=0: random_keep(enc, m, seed=int(seed)),
+                 knobs=(Knob("seed", "Random keep: seed", 0, 0, 2**31 - 1, 1, integer=True),)),
     ]
 }
 
 
-def run_at_budget(name: str, enc: Encoding, budget: int) -> Compression:
-    """Run strategy ``name`` at about ``budget`` output tokens."""
+def run_at_budget(name: str, enc: Encoding, budget: int, **settings) -> Compression:
+    """Run strategy ``name`` at about ``budget`` output tokens, with its knobs in ``settings``."""
     if name not in STRATEGIES:
         raise ValueError(f"unknown strategy {name!r}; choose one of {', '.join(STRATEGIES)}")
+    strategy = STRATEGIES[name]
     budget = check_int("budget", budget, 1, enc.num_patches)
-    return STRATEGIES[name].at_budget(enc, budget)
+    known = {k.name: k for k in strategy.knobs}
+    for key, value in settings.items():
+        if key not in known:
+            raise ValueError(f"{strategy.label} has no setting {key!r}"
+                             + (f"; its settings: {', '.join(known)}" if known else ""))
+        knob = known[key]
+        check = check_int if knob.integer else check_real
+        settings[key] = check(key, value, int(knob.lo) if knob.integer else knob.lo,
+                              int(knob.hi) if knob.integer else knob.hi)
+    return strategy.at_budget(enc, budget, **settings)
 
 
 def sweep_budgets(n: int, count: int = 10) -> list[int]:

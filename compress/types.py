@@ -97,6 +97,9 @@ class Compression:
     input patches (hard rows for merging, one-hot rows for pruning, soft rows
     for the resampler). ``extra`` holds strategy-specific detail (e.g. the
     resampler's per-layer maps), ``params`` the arguments it was called with.
+    ``form`` says how the strategy means its rows when the numbers alone are
+    ambiguous: ``"merge"`` for merging rules, whose result is drawn as clusters
+    even when nothing was merged (every row then looks one-hot, like pruning).
     """
 
     tokens: torch.Tensor
@@ -105,6 +108,7 @@ class Compression:
     params: dict[str, Any] = field(default_factory=dict)
     extra: dict[str, Any] = field(default_factory=dict)
     elapsed_ms: float = 0.0
+    form: str = ""
 
     @property
     def num_in(self) -> int:

@@ -24,10 +24,10 @@ from PIL import Image
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
 DISPLAY = 672  # longest side of every overlay the UI shows
-MERGE = ("adjacent threshold", 0.9, 144, "mean colour")  # method, threshold, target, fill
-PRUNE = ("CLS attention", "mean", 0.25, False)  # score, head, keep ratio, heatmap
+MERGE = ("threshold", 0.9, 144, "mean")  # method, threshold, target, fill
+PRUNE = ("cls", "mean", 0.25, False)  # score, head, keep ratio, heatmap
 RES = (64, 2, "kmeans", 0)  # latents, depth, init, selected latent
-MORE = ("DivPrune", 64, 54 / 64, 0)
+MORE = ("divprune", 64, 54 / 64, 0)
 STATS = re.compile(r"^### (\d+) → (\d+) tokens")
 STATUS_GRID = re.compile(r"(\d+) tokens \((\d+) x (\d+) patches")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
@@ -218,8 +218,8 @@ def test_encode_images_exist_and_have_the_shown_size(session):
 
 
 def test_merge_threshold_changes_numbers_and_picture(client):
-    lo = client.predict("adjacent threshold", 0.8, 144, "mean colour", api_name="/merge_live")
-    hi = client.predict("adjacent threshold", 0.95, 144, "mean colour", api_name="/merge_live")
+    lo = client.predict("threshold", 0.8, 144, "mean", api_name="/merge_live")
+    hi = client.predict("threshold", 0.95, 144, "mean", api_name="/merge_live")
     (n_lo, m_lo), (n_hi, m_hi) = counts(one_stats(lo)), counts(one_stats(hi))
     assert n_lo == n_hi == 576
     assert m_lo < m_hi  # a higher threshold merges less
@@ -229,12 +229,12 @@ def test_merge_threshold_changes_numbers_and_picture(client):
 
 
 def test_merge_tome_gives_exactly_the_target(client):
-    out = client.predict("ToMe bipartite", 0.9, 64, "mean colour", api_name="/merge")
+    out = client.predict("tome", 0.9, 64, "mean", api_name="/merge")
     stats = one_stats(out)
     assert "576 → 64 tokens" in stats
     assert "(9.00x" in stats
     assert any(isinstance(o, dict) and o.get("plot") for o in out)  # the similarity figure
-    other = client.predict("ToMe bipartite", 0.9, 200, "mean colour", api_name="/merge")
+    other = client.predict("tome", 0.9, 200, "mean", api_name="/merge")
     assert "576 → 200 tokens" in one_stats(other)
     assert differ(images_of(out)[0], images_of(other)[0])
 
@@ -243,33 +243,33 @@ def test_merge_tome_gives_exactly_the_target(client):
 
 
 def test_prune_keep_ratio_changes_numbers_and_picture(client):
-    half = client.predict("CLS attention", "mean", 0.5, False, api_name="/prune_live")
-    quarter = client.predict("CLS attention", "mean", 0.25, False, api_name="/prune_live")
+    half = client.predict("cls", "mean", 0.5, False, api_name="/prune_live")
+    quarter = client.predict("cls", "mean", 0.25, False, api_name="/prune_live")
     assert "576 → 288 tokens" in one_stats(half)
     assert "576 → 144 tokens" in one_stats(quarter)
     assert_overlay_size(images_of(half)[0], 24, 24)
     assert differ(images_of(half)[0], images_of(quarter)[0])
-    full = client.predict("CLS attention", "mean", 0.5, False, api_name="/prune")
+    full = client.predict("cls", "mean", 0.5, False, api_name="/prune")
     assert "576 → 288 tokens" in one_stats(full)
     assert any(isinstance(o, dict) and o.get("plot") for o in full)
 
 
 def test_prune_query_switches_score_and_names_the_patch(client):
-    out = client.predict("CLS attention", "mean", 0.25, False, "5, 7", api_name="/prune_query")
-    assert "query (click image)" in out  # the score radio switches to query
+    out = client.predict("cls", "mean", 0.25, False, "5, 7", api_name="/prune_query")
+    assert "query" in out  # the score radio switches to query
     stats = one_stats(out)
     assert "576 → 144 tokens" in stats
     assert "row 5" in stats and "col 7" in stats
-    cls = client.predict("CLS attention", "mean", 0.25, False, api_name="/prune_live")
+    cls = client.predict("cls", "mean", 0.25, False, api_name="/prune_live")
     assert differ(images_of(out)[0], images_of(cls)[0])
 
 
 def test_prune_query_rejects_bad_input_and_session_survives(client):
     with pytest.raises(AppError, match=r"outside the 24 x 24"):
-        client.predict("CLS attention", "mean", 0.25, False, "50, 7", api_name="/prune_query")
+        client.predict("cls", "mean", 0.25, False, "50, 7", api_name="/prune_query")
     with pytest.raises(AppError, match=r"row, col.*'abc'"):
-        client.predict("CLS attention", "mean", 0.25, False, "abc", api_name="/prune_query")
-    out = client.predict("CLS attention", "mean", 0.5, False, api_name="/prune_live")
+        client.predict("cls", "mean", 0.25, False, "abc", api_name="/prune_query")
+    out = client.predict("cls", "mean", 0.5, False, api_name="/prune_live")
     assert "576 → 288 tokens" in one_stats(out)
     assert_overlay_size(images_of(out)[0], 24, 24)
 
@@ -344,7 +344,7 @@ def test_size_224_gives_256_tokens(app_url):
     for path in images_of(out)[:3]:
         assert_overlay_size(path, 16, 16)
     with pytest.raises(AppError, match=r"outside the 16 x 16"):
-        c.predict("CLS attention", "mean", 0.25, False, "20, 3", api_name="/prune_query")
+        c.predict("cls", "mean", 0.25, False, "20, 3", api_name="/prune_query")
     again = status_of(encode(c, size=224))  # same image and setting: no second forward pass
     assert "cached" in again and "encoded in" not in again
 
@@ -384,7 +384,7 @@ def test_unknown_model_in_a_fresh_session_is_a_clear_error(app_url):
 
 
 def test_export_merge_png_and_json(client):
-    shown = client.predict("adjacent threshold", 0.9, 144, "mean colour", api_name="/merge_live")
+    shown = client.predict("threshold", 0.9, 144, "mean", api_name="/merge_live")
     png, doc = exported(client.predict(api_name="/export_merge"))
     with Image.open(png) as im:
         assert im.format == "PNG"
@@ -405,7 +405,7 @@ def test_export_merge_png_and_json(client):
 
 
 def test_export_prune_kept_indices_follow_the_slider(client):
-    shown = client.predict("CLS attention", "mean", 0.5, False, api_name="/prune_live")
+    shown = client.predict("cls", "mean", 0.5, False, api_name="/prune_live")
     png, doc = exported(client.predict(api_name="/export_prune"))
     assert size_of(png) == size_of(images_of(shown)[0])
     assert doc["strategy"] == "prune_attention"
@@ -446,14 +446,14 @@ def test_non_vit_model_is_reported_as_unsupported(app_url):
 
 
 def test_more_strategies_follow_the_budget(client):
-    a = client.predict("DivPrune", 32, 0.84, 0, api_name="/more")
-    b = client.predict("DivPrune", 100, 0.84, 0, api_name="/more")
+    a = client.predict("divprune", 32, 0.84, 0, api_name="/more")
+    b = client.predict("divprune", 100, 0.84, 0, api_name="/more")
     assert counts(one_stats(a)) == (576, 32) and counts(one_stats(b)) == (576, 100)
     assert differ(images_of(a)[0], images_of(b)[0])
-    adaptive = client.predict("PruMerge (adaptive)", 32, 0.84, 0, api_name="/more")
+    adaptive = client.predict("prumerge", 32, 0.84, 0, api_name="/more")
     assert "budget ignored" in one_stats(adaptive)
-    s1 = client.predict("Random keep", 50, 0.84, 1, api_name="/more")
-    s2 = client.predict("Random keep", 50, 0.84, 2, api_name="/more")
+    s1 = client.predict("random_keep", 50, 0.84, 1, api_name="/more")
+    s2 = client.predict("random_keep", 50, 0.84, 2, api_name="/more")
     assert differ(images_of(s1)[0], images_of(s2)[0])  # the seed reaches the strategy
 
 

@@ -126,7 +126,7 @@ def test_upload_and_move_every_slider(page):
         wait_changed(page, "merge-overlay", old, "merge-stats", stats)
         settle(page, "merge-overlay", "merge-stats")  # the release event's full update lands last
         assert tokens_out(text(page, "merge-stats")) != tokens_out(stats) or elem == "merge-target"
-    assert page.locator("#merge-method input[value='ToMe bipartite']").is_checked()
+    assert page.locator("#merge-method input[value='tome']").is_checked()
     page.screenshot(path=str(ARTIFACTS / "merge.png"), full_page=True)
 
     # Attention pruning: the keep ratio.
@@ -164,7 +164,7 @@ def test_click_sets_the_query_patch(page):
     (r1, c1), (r2, c2) = seen
     assert r1 < r2 and c1 < c2  # the marker followed the clicks: top-left, then bottom-right
     assert abs(r1 - round(0.25 * 24)) <= 1 and abs(c1 - round(0.2 * 24)) <= 1
-    assert page.locator("#prune-score input[value='query (click image)']").is_checked()
+    assert page.locator("#prune-score input[value='query']").is_checked()
     page.screenshot(path=str(ARTIFACTS / "prune-query.png"), full_page=True)
 
 

@@ -20,15 +20,15 @@ from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
 
-MERGE = ("adjacent threshold", 0.9, 16, "mean colour")
-PRUNE = ("CLS attention", "mean", 0.25, False)
+MERGE = ("threshold", 0.9, 16, "mean")
+PRUNE = ("cls", "mean", 0.25, False)
 RES = (64, 2, "kmeans", 0)
-MORE = ("DivPrune", 64, 54 / 64, 0)
+MORE = ("divprune", 64, 54 / 64, 0)
 
 
 def encode(client, path, size=112):
     return client.predict(handle_file(str(path)), "dinov2-s14", size, 12, False, *MERGE, *PRUNE,
-                          16, 2, "kmeans", 0, "DivPrune", 16, 54 / 64, 0, 16, api_name="/encode")
+                          16, 2, "kmeans", 0, "divprune", 16, 54 / 64, 0, 16, api_name="/encode")
 
 
 def png_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:
@@ -121,8 +121,8 @@ def test_unusual_but_valid_images_simply_work(app_url, odd_files):
 def test_knobs_beyond_their_ends_are_refused_with_a_message(app_url):
     client = Client(app_url, verbose=False)
     encode(client, ASSETS / "coffee.jpg")
-    for args in (("adjacent threshold", -0.5, 16, "mean colour"),
-                 ("adjacent threshold", 1.5, 16, "mean colour")):
+    for args in (("threshold", -0.5, 16, "mean"),
+                 ("threshold", 1.5, 16, "mean")):
         with pytest.raises(AppError, match="(?i)threshold|minimum|maximum"):
             client.predict(*args, api_name="/merge_live")
     with pytest.raises(AppError, match="(?i)latents|maximum"):
@@ -130,7 +130,7 @@ def test_knobs_beyond_their_ends_are_refused_with_a_message(app_url):
     with pytest.raises(AppError, match="not in the list of choices"):
         client.predict("ZipMerge", 16, 0.5, 0, api_name="/more")
     # keep ratio 0 is valid: one token
-    assert client.predict("CLS attention", "mean", 0.0, False, api_name="/prune_live")[1].startswith(
+    assert client.predict("cls", "mean", 0.0, False, api_name="/prune_live")[1].startswith(
         "### 64 → 1 tokens")
 
 
@@ -181,7 +181,9 @@ def test_an_injected_strategy_fault_fails_one_request_only(inproc, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("injected fault")
 
-    monkeypatch.setattr(app, "merge_panel", broken)
+    import tabs.merge
+
+    monkeypatch.setattr(tabs.merge, "merge_panel", broken)
     with pytest.raises(AppError, match="merge failed: RuntimeError: injected fault"):
         client.predict(*MERGE, api_name="/merge_live")
     # other strategies and other sessions go on
@@ -196,7 +198,7 @@ def test_a_hub_model_without_the_hub_names_the_offline_default(app_url):
     client = Client(app_url, verbose=False)
     with pytest.raises(AppError, match="dinov2-s14.*works offline"):
         client.predict(handle_file(str(ASSETS / "coffee.jpg")), "vit_base_patch16_clip_224.openai",
-                       112, 12, False, *MERGE, *PRUNE, 16, 2, "kmeans", 0, "DivPrune", 16, 0.8, 0,
+                       112, 12, False, *MERGE, *PRUNE, 16, 2, "kmeans", 0, "divprune", 16, 0.8, 0,
                        16, api_name="/encode")
     encode(client, ASSETS / "coffee.jpg")  # the bundled default still works
 
@@ -206,7 +208,7 @@ def test_a_file_path_smuggled_into_the_api_is_not_read(app_url):
     import json
 
     data = [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "dinov2-s14", 112, 12,
-            False, *MERGE, *PRUNE, 16, 2, "kmeans", 0, "DivPrune", 16, 0.8, 0, 16]
+            False, *MERGE, *PRUNE, 16, 2, "kmeans", 0, "divprune", 16, 0.8, 0, 16]
     req = urllib.request.Request(app_url + "gradio_api/call/encode", method="POST",
                                  data=json.dumps({"data": data}).encode(),
                                  headers={"Content-Type": "application/json"})

@@ -637,8 +637,8 @@ def draw_compression(
     ``prune_overlay`` of the kept mask, with ``comp.extra["scores"]`` and the
     query patch from ``comp.params`` when present; ``"soft"`` ->
     ``latent_overlay`` of ``comp.assign``. A merge that merged nothing has
-    one-hot rows and so reads as ``"prune"``; a ``merge*`` strategy is drawn
-    as a merge anyway, so the picture does not change style at the end of a
+    one-hot rows and so reads as ``"prune"``; a merging rule (``comp.form ==
+    "merge"``) is drawn as a merge anyway, so the picture does not change style at the end of a
     slider. ``kwargs`` go to the overlay (e.g. ``fill="distinct"``,
     ``heatmap=True``).
 
@@ -646,7 +646,7 @@ def draw_compression(
     """
     assign = to_numpy(comp.assign)
     kind = assign_kind(assign)
-    if kind == "prune" and str(getattr(comp, "strategy", "")).startswith(("merge", "pool")):
+    if kind == "prune" and getattr(comp, "form", "") == "merge":
         kind = "merge"
     if kind == "merge":
         # Compression.labels(): the output that draws most on a patch, -1 where none does.

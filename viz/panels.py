@@ -206,32 +206,22 @@ def export_json(enc: Encoding, comp: Compression, stats: dict) -> str:
 
 COMPARE_COLS = 5
 COMPARE_CELL = 240
-SHORT = {"merge_threshold": "Threshold merge", "merge_bipartite": "ToMe",
-         "prune_attention": "CLS prune", "resample": "Resampler", "prumerge": "PruMerge",
-         "prumerge_plus": "PruMerge+", "visionzip": "VisionZip", "divprune": "DivPrune",
-         "pool": "Pooling", "random_keep": "Random keep"}
 
 
 def strategy_panel(enc: Encoding, name: str, budget: int, display: int = DEFAULT_DISPLAY,
-                   dominant_ratio: float | None = None, seed: int = 0) -> Panel:
+                   **settings) -> Panel:
     """Any registered strategy at about ``budget`` tokens, drawn by the form of its ``assign``.
 
-    ``dominant_ratio`` (VisionZip's split between dominant and contextual
-    tokens) and ``seed`` (random keep) reach the strategies that have them.
+    ``settings`` are the strategy's knobs by name (``Strategy.knobs``: VisionZip's
+    ``dominant_ratio``, random keep's ``seed``, ...); unset ones take their defaults.
     """
-    from compress import STRATEGIES, random_keep, run_at_budget, visionzip
+    from compress import STRATEGIES, run_at_budget
 
     from .overlay import draw_compression
 
     t0 = time.perf_counter()
     budget = min(max(1, int(budget)), enc.num_patches)
-    if name == "visionzip" and dominant_ratio is not None:
-        score = "cls" if enc.cls_attn is not None else "received"
-        comp = visionzip(enc, budget, dominant_ratio=float(dominant_ratio), score=score)
-    elif name == "random_keep":
-        comp = random_keep(enc, budget, seed=int(seed))
-    else:
-        comp = run_at_budget(name, enc, budget)
+    comp = run_at_budget(name, enc, budget, **settings)
     t1 = time.perf_counter()
     overlay = draw_compression(enc, comp, display=display)
     t2 = time.perf_counter()
@@ -261,7 +251,7 @@ def compare_panel(enc: Encoding, budget: int, with_figure: bool = True) -> Panel
         comps[name] = p.comp
         s = p.stats
         label = strategy.label
-        tiles.append((f"{SHORT.get(name, name)}  M={s['M']}", p.overlay))
+        tiles.append((f"{strategy.short}  M={s['M']}", p.overlay))
         rows.append([label, s["M"], round(s["ratio"], 2), round(s["fidelity"], 4),
                      s["attention_mass_kept"], round(p.strategy_ms, 1)])
         strategy_ms += p.strategy_ms

@@ -1,0 +1,192 @@
+"""What every tab shares: the per-session state, error handling, the wiring helper, the Tab record.
+
+Each tab module (``tabs/merge.py`` ...) has one ``build(wiring) -> Tab`` that
+makes its components inside a ``gr.Tab`` and wires its own events; ``app.py``
+only assembles them. Handlers are thin calls into ``viz.panels`` and
+``compress``: no numbers are computed here.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import gradio as gr
+
+from compress import ImageError, WeightsUnavailable
+from compress.cache import EncodingCache
+from viz.panels import Panel, export_json
+
+LOG = logging.getLogger("tce.app")
+OVERLAY_H = 560
+# live updates: only the last value of a drag counts, and no spinner covers the picture
+LIVE = {"trigger_mode": "always_last", "show_progress": "hidden"}
+# internal steps of an event chain: not in the API page, no spinner
+QUIET = {"api_visibility": "undocumented", "show_progress": "hidden"}
+
+
+class Session:
+    """Per-browser-session state: a bounded encoding cache and what is shown from it.
+
+    ``version`` counts the encodings this session has shown; ``drawn`` maps a
+    tab id to the version it was last fully drawn for, so a tab is drawn
+    when it is opened and not again until the encoding changes.
+    """
+
+    def __init__(self):
+        self.cache = EncodingCache(capacity=4, ttl=1800)
+        self.enc = None
+        self.version = 0
+        self.query: int | None = None
+        self.panels: dict[str, Panel] = {}
+        self.open_tab = "merge"
+        self.drawn: dict[str, int] = {}
+        self.last_image: str | None = None  # the last upload that encoded, shown again after a refusal
+        self.lock = threading.Lock()
+
+    def __deepcopy__(self, memo):
+        # Gradio deep-copies state values; a session is shared by reference, never copied.
+        return self
+
+    def show(self, enc) -> None:
+        """Make ``enc`` the current encoding; every tab is stale until drawn again."""
+        if enc is not self.enc:
+            if self.enc is None or self.enc.grid != enc.grid:
+                self.query = None
+            self.enc = enc
+            self.version += 1
+
+    def stale(self, tab_id: str) -> bool:
+        return self.enc is not None and self.drawn.get(tab_id) != self.version
+
+
+def guarded(fn):
+    """Turn an unexpected error in a handler into a clear message; the server keeps serving.
+
+    ``gr.Error``s (bad input, named by the library) pass through unchanged;
+    anything else is logged with its traceback and reported as a failure of
+    this one request.
+    """
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except (ValueError, ImageError, WeightsUnavailable) as exc:
+            raise gr.Error(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - one request fails, the app goes on
+            LOG.exception("handler %s failed", fn.__name__)
+            name = fn.__name__.removeprefix("do_").removeprefix("_")
+            if name in ("render", "draw"):  # a tab's own drawing: name the tab
+                name = fn.__module__.rsplit(".", 1)[-1]
+            raise gr.Error(f"{name} failed: {type(exc).__name__}: {exc}. This request was "
+                           "dropped; the app is still running - try another setting.") from exc
+    return wrapper
+
+
+def need(session):
+    """The session's current encoding; a clear message when there is none yet."""
+    if session is None or session.enc is None:
+        raise gr.Error("Upload an image (or click a sample photo) first.")
+    return session.enc
+
+
+def stats_md(p: Panel, extra: str = "") -> str:
+    """The numbers line under an overlay: "### N → M tokens (...)", fidelity, attention, times."""
+    s = p.stats
+    kept = s.get("attention_mass_kept")
+    kept_txt = "n/a (no CLS)" if kept is None else f"{kept:.3f}"
+    change = (f"{1 - s['M'] / s['N']:.0%} fewer" if s["M"] <= s["N"]
+              else f"{s['M'] / s['N']:.1f}x more tokens than patches")
+    return (f"### {s['N']} → {s['M']} tokens ({s['ratio']:.2f}x, {change})\n"
+            f"fidelity **{s['fidelity']:.4f}** · attention kept **{kept_txt}** · "
+            f"strategy {p.strategy_ms:.1f} ms · drawing {p.draw_ms:.1f} ms{extra}")
+
+
+@dataclass
+class Tab:
+    """One tab as the door sees it.
+
+    ``draw(session, *values)`` fills ``outputs`` for the current encoding from
+    the tab's ``inputs`` (its controls, in order); ``fit(enc, *values)``
+    returns updates for ``fitted`` (controls whose range depends on the
+    encoding, e.g. a token budget up to N), values clamped into the new range.
+    ``later`` is an optional second step, ``(fn(session, *later_inputs) ->
+    list, later_inputs, later_outputs)``, run after ``draw`` (a slow picture).
+    """
+
+    id: str
+    tab: gr.Tab
+    inputs: list
+    outputs: list
+    draw: Callable
+    fitted: list = field(default_factory=list)
+    fit: Callable | None = None
+    later: tuple | None = None
+
+
+class Wiring:
+    """Wires events for the tabs; the first wiring of an API name is the public endpoint."""
+
+    def __init__(self, session: gr.State):
+        self.session = session
+        self._named: set[str] = set()
+
+    def on(self, trigger, fn, inputs, outputs, name: str | None = None, **kw):
+        if name and name not in self._named:
+            self._named.add(name)
+            return trigger(fn, inputs, outputs, api_name=name, **kw)
+        kw.setdefault("api_visibility", "undocumented")
+        return trigger(fn, inputs, outputs, **kw)
+
+
+# --- exports ------------------------------------------------------------------------------
+
+EXPORT_ROOT = Path(tempfile.gettempdir()) / f"tce-exports-{os.getpid()}"
+EXPORT_TTL_S = 600
+
+
+def _export_folder() -> Path:
+    """A fresh folder under one per-process export root; folders older than 10 min are removed.
+
+    Gradio copies returned files into its own (self-cleaning) cache, so these
+    sources only need to live a moment: the root never grows without bound.
+    """
+    EXPORT_ROOT.mkdir(exist_ok=True)
+    now = time.time()
+    for old in EXPORT_ROOT.iterdir():
+        if now - old.stat().st_mtime > EXPORT_TTL_S:
+            shutil.rmtree(old, ignore_errors=True)
+    return Path(tempfile.mkdtemp(dir=EXPORT_ROOT))
+
+
+@guarded
+def do_export(session, tab: str):
+    """The tab's current overlay (PNG) and result (JSON) as two files."""
+    enc = need(session)
+    p = session.panels.get(tab)
+    if p is None:
+        raise gr.Error("Nothing to export yet.")
+    folder = _export_folder()
+    png = folder / f"{tab}-overlay.png"
+    p.overlay.save(png)
+    js = folder / f"{tab}-result.json"
+    js.write_text(export_json(enc, p.comp, p.stats))
+    return [str(png), str(js)]
+
+
+def export_box(w: Wiring, tab: str) -> None:
+    """An "Export" accordion whose button returns the tab's overlay PNG and result JSON."""
+    with gr.Accordion("Export: overlay PNG + result JSON", open=False):
+        button = gr.Button("Export", size="sm", elem_id=f"{tab}-export")
+        files = gr.File(label="Files", file_count="multiple")
+    w.on(button.click, lambda s: do_export(s, tab), [w.session], files, f"export_{tab}")

@@ -1,0 +1,74 @@
+"""The "Token merging" tab: adjacent threshold merging and ToMe, live."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from viz.panels import merge_panel
+
+from .common import LIVE, OVERLAY_H, Tab, Wiring, export_box, guarded, need, stats_md
+
+ID = "merge"
+METHODS = [("adjacent threshold", "threshold"), ("ToMe bipartite", "tome")]
+FILLS = [("mean colour", "mean"), ("distinct colours", "distinct")]
+TEXT = """**What am I looking at?** Each coloured region is one output token: the patches
+inside it were merged into a single token (their mean). *Adjacent threshold* merges neighbouring
+patches whose tokens have cosine similarity at least the threshold; merges chain, so a smooth
+region can become one token. *ToMe* (Bolya et al., 2023) repeatedly pairs alternate tokens with
+their most similar partner and merges the best pairs until the target count remains; its
+clusters need not be connected. Fidelity is how well each patch is still represented (mean
+cosine of a patch to its best output token)."""
+
+
+@guarded
+def render(session, method: str, threshold: float, target: int, fill: str, with_figure: bool = True):
+    """[overlay, stats] (+ [figure]) for the current encoding."""
+    enc = need(session)
+    p = merge_panel(enc, method, float(threshold), int(target), fill, with_figure=with_figure)
+    session.panels[ID] = p
+    out = [p.overlay, stats_md(p)]
+    return out + [p.figure] if with_figure else out
+
+
+def build(w: Wiring) -> Tab:
+    with gr.Tab("Token merging", id=ID) as tab:
+        with gr.Row():
+            with gr.Column(scale=3, min_width=420):
+                overlay = gr.Image(label="Merged clusters", format="jpeg", interactive=False,
+                                   height=OVERLAY_H, elem_id="merge-overlay")
+            with gr.Column(scale=2, min_width=300):
+                method = gr.Radio(METHODS, value="threshold", label="Method", elem_id="merge-method")
+                threshold = gr.Slider(0.0, 1.0, value=0.9, step=0.005, label="Threshold (adjacent)",
+                                      elem_id="merge-threshold")
+                target = gr.Slider(1, 576, value=144, step=1, label="Target tokens (ToMe)",
+                                   elem_id="merge-target")
+                fill = gr.Radio(FILLS, value="mean", label="Fill", elem_id="merge-fill")
+                stats = gr.Markdown(elem_id="merge-stats")
+                gr.Markdown(TEXT)
+        plot = gr.Plot(label="Similarities", elem_id="merge-plot")
+        export_box(w, ID)
+        api_only = gr.Button(visible=False)  # the /merge_live endpoint (below)
+
+    inputs = [w.session, method, threshold, target, fill]
+    live = [overlay, stats]
+
+    def by(chosen: str, with_figure: bool):
+        # the slider a user touches picks the method it belongs to
+        def fn(session, _method, threshold, target, fill):
+            return [chosen, *render(session, chosen, threshold, target, fill, with_figure)]
+        return fn
+
+    for slider, chosen in ((threshold, "threshold"), (target, "tome")):
+        w.on(slider.input, by(chosen, False), inputs, [method] + live, **LIVE)
+        w.on(slider.release, by(chosen, True), inputs, [method] + live + [plot], **LIVE)
+    for ctl in (method, fill):
+        w.on(ctl.input, render, inputs, live + [plot], "merge", **LIVE)
+    # API-only: the live update with the method it is given (the UI's sliders pick theirs)
+    api_only.click(lambda *a: render(*a, with_figure=False), inputs, live, api_name="merge_live",
+                   **LIVE)
+
+    def fit(enc, _method, _threshold, target, _fill):
+        n = enc.num_patches
+        return [gr.update(maximum=n, value=min(int(target), n))]
+
+    return Tab(ID, tab, inputs[1:], live + [plot], render, [target], fit)

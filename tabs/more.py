@@ -1,0 +1,98 @@
+"""The "More strategies" tab: every registered strategy beyond the seed's four, at a budget M.
+
+Each strategy's own settings (``Strategy.knobs``) get a control, shown while
+that strategy is chosen; nothing here knows a strategy by name.
+"""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from compress import STRATEGIES
+from viz.panels import strategy_panel
+
+from .common import LIVE, OVERLAY_H, Tab, Wiring, export_box, guarded, need, stats_md
+
+ID = "more"
+SEED_FOUR = ("merge_threshold", "merge_bipartite", "prune_attention", "resample")
+NAMES = [k for k in STRATEGIES if k not in SEED_FOUR]
+DEFAULT = "visionzip"
+# every (strategy, knob) pair, in a fixed order: one control each
+KNOBS = [(name, knob) for name in NAMES for knob in STRATEGIES[name].knobs]
+TEXT = """**What am I looking at?** The methods people compare against, at a token budget M.
+The picture follows the form of each result: clusters for merging (pooling, VisionZip's contextual
+groups), outlined kept patches for selection (DivPrune, random keep), and for PruMerge each patch
+coloured by the kept token that absorbed it. PruMerge picks its own M from the image (CLS-attention
+outliers), so the budget slider does not move it."""
+
+
+def settings_for(name: str, knob_values) -> dict:
+    """The chosen strategy's knob values by name, from the values of every knob control."""
+    return {knob.name: value for (owner, knob), value in zip(KNOBS, knob_values, strict=True)
+            if owner == name}
+
+
+@guarded
+def render(session, name: str, budget: int, *knob_values):
+    """[overlay, stats] for strategy ``name`` at ``budget`` with its knobs."""
+    enc = need(session)
+    if name not in NAMES:
+        raise gr.Error(f"unknown strategy {name!r}; choose one of: {', '.join(NAMES)}")
+    strategy = STRATEGIES[name]
+    p = strategy_panel(enc, name, min(int(budget), enc.num_patches),
+                       **settings_for(name, knob_values))
+    session.panels[ID] = p
+    extra = f" · {strategy.source}"
+    if strategy.adaptive:
+        extra += " · M chosen by the rule (budget ignored)"
+    return [p.overlay, stats_md(p, extra)]
+
+
+def _control(name: str, knob):
+    visible = name == DEFAULT
+    elem = f"more-{name}-{knob.name}".replace("_", "-")
+    if knob.integer and knob.hi - knob.lo > 1000:
+        return gr.Number(int(knob.default), precision=0, minimum=knob.lo, maximum=knob.hi,
+                         label=knob.label, visible=visible, elem_id=elem)
+    return gr.Slider(knob.lo, knob.hi, value=knob.default, step=knob.step, label=knob.label,
+                     visible=visible, elem_id=elem)
+
+
+def build(w: Wiring) -> Tab:
+    with gr.Tab("More strategies", id=ID) as tab:
+        with gr.Row():
+            with gr.Column(scale=3, min_width=420):
+                overlay = gr.Image(label="Result", format="jpeg", interactive=False,
+                                   height=OVERLAY_H, elem_id="more-overlay")
+            with gr.Column(scale=2, min_width=300):
+                choice = gr.Radio([(STRATEGIES[k].label, k) for k in NAMES], value=DEFAULT,
+                                  label="Strategy", elem_id="more-strategy")
+                budget = gr.Slider(1, 576, value=64, step=1, label="Token budget M",
+                                   elem_id="more-budget")
+                knobs = [_control(name, knob) for name, knob in KNOBS]
+                stats = gr.Markdown(elem_id="more-stats")
+                gr.Markdown(TEXT)
+        export_box(w, ID)
+
+    inputs = [w.session, choice, budget, *knobs]
+    out = [overlay, stats]
+    w.on(budget.input, render, inputs, out, "more_live", **LIVE)
+    w.on(choice.input, render, inputs, out, "more", **LIVE)
+    for ctl in knobs:
+        if isinstance(ctl, gr.Slider):
+            w.on(ctl.input, render, inputs, out, **LIVE)
+            w.on(ctl.release, render, inputs, out, **LIVE)
+        else:
+            w.on(ctl.submit, render, inputs, out, **LIVE)
+
+    def show_knobs(name):
+        return [gr.update(visible=owner == name) for owner, _ in KNOBS]
+
+    if knobs:
+        choice.change(show_knobs, choice, knobs, api_visibility="private", show_progress="hidden")
+
+    def fit(enc, _name, budget, *_knobs):
+        n = enc.num_patches
+        return [gr.update(maximum=n, value=min(int(budget), n))]
+
+    return Tab(ID, tab, inputs[1:], out, render, [budget], fit)

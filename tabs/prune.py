@@ -1,0 +1,105 @@
+"""The "Attention pruning" tab: keep the top patches by CLS, received or a clicked patch's attention."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from viz.panels import prune_panel
+
+from .common import LIVE, OVERLAY_H, Tab, Wiring, export_box, guarded, need, stats_md
+
+ID = "prune"
+SCORES = [("CLS attention", "cls"), ("attention received", "received"),
+          ("query (click image)", "query")]
+TEXT = """**What am I looking at?** Bright patches are kept, dark ones are dropped. The
+score is the attention the model pays to each patch: from the CLS token (what the model
+summarises the image with), received from all tokens, or from one *query* patch - click the
+image to choose it: the kept set then follows what that patch attends to, which is how
+query-dependent pruning behaves. "Attention kept" is the share of CLS attention on the kept
+patches."""
+
+
+def _head(value: str):
+    return None if value in (None, "mean") else int(value)
+
+
+@guarded
+def render(session, score: str, head: str, keep: float, heatmap: bool, with_figure: bool = True):
+    """[overlay, stats] (+ [figure]) for the current encoding and query patch."""
+    enc = need(session)
+    p = prune_panel(enc, float(keep), score, _head(head), session.query, bool(heatmap),
+                    with_figure=with_figure)
+    session.panels[ID] = p
+    extra = ""
+    if score == "query":
+        gw = enc.grid[1]
+        q = p.comp.params["query"]
+        extra = f" · query patch (row {q // gw}, col {q % gw})"
+    out = [p.overlay, stats_md(p, extra)]
+    return out + [p.figure] if with_figure else out
+
+
+@guarded
+def do_click(session, score, head, keep, heatmap, evt: gr.SelectData):
+    """A click on the overlay makes the patch under it the query."""
+    enc = need(session)
+    x, y = evt.index[0], evt.index[1]
+    p = session.panels.get(ID)
+    width, height = p.overlay.size if p is not None else enc.image.size
+    gh, gw = enc.grid
+    col = min(gw - 1, max(0, int(x * gw / width)))
+    row = min(gh - 1, max(0, int(y * gh / height)))
+    session.query = row * gw + col
+    return ["query", *render(session, "query", head, keep, heatmap)]
+
+
+@guarded
+def do_query(session, score, head, keep, heatmap, text):
+    """The query patch typed as "row, col"."""
+    enc = need(session)
+    try:
+        row, col = (int(v) for v in str(text).replace("(", "").replace(")", "").split(","))
+    except ValueError:
+        raise gr.Error(f"query must be 'row, col' (two whole numbers), got {text!r}") from None
+    gh, gw = enc.grid
+    if not (0 <= row < gh and 0 <= col < gw):
+        raise gr.Error(f"query ({row}, {col}) is outside the {gh} x {gw} patch grid")
+    session.query = row * gw + col
+    return ["query", *render(session, "query", head, keep, heatmap)]
+
+
+def build(w: Wiring) -> Tab:
+    with gr.Tab("Attention pruning", id=ID) as tab:
+        with gr.Row():
+            with gr.Column(scale=3, min_width=420):
+                overlay = gr.Image(label="Kept patches (click to set the query)", format="jpeg",
+                                   interactive=False, height=OVERLAY_H, elem_id="prune-overlay")
+            with gr.Column(scale=2, min_width=300):
+                score = gr.Radio(SCORES, value="cls", label="Score", elem_id="prune-score")
+                with gr.Row():
+                    head = gr.Dropdown(["mean"], value="mean", label="Head", elem_id="prune-head")
+                    heat = gr.Checkbox(False, label="Score heatmap", elem_id="prune-heatmap")
+                keep = gr.Slider(0.0, 1.0, value=0.25, step=0.01, label="Keep ratio",
+                                 elem_id="prune-keep")
+                query = gr.Textbox(label="Query patch (row, col), or click",
+                                   placeholder="e.g. 12, 8 then Enter", max_lines=1,
+                                   elem_id="prune-query")
+                stats = gr.Markdown(elem_id="prune-stats")
+                gr.Markdown(TEXT)
+        plot = gr.Plot(label="Scores", elem_id="prune-plot")
+        export_box(w, ID)
+
+    inputs = [w.session, score, head, keep, heat]
+    live = [overlay, stats]
+    w.on(keep.input, lambda *a: render(*a, with_figure=False), inputs, live, "prune_live", **LIVE)
+    w.on(keep.release, render, inputs, live + [plot], "prune", **LIVE)
+    for ctl in (score, head, heat):
+        w.on(ctl.input, render, inputs, live + [plot], **LIVE)
+    overlay.select(do_click, inputs, [score] + live + [plot], api_visibility="private", **LIVE)
+    w.on(query.submit, do_query, inputs + [query], [score] + live + [plot], "prune_query", **LIVE)
+
+    def fit(enc, _score, head, _keep, _heat):
+        heads = ["mean"] + [str(h) for h in range(enc.num_heads)]
+        return [gr.update(choices=heads, value=head if head in heads else "mean")]
+
+    return Tab(ID, tab, inputs[1:], live + [plot], render, [head], fit)

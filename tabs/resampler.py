@@ -1,0 +1,92 @@
+"""The "Perceiver Resampler" tab: L latents cross-attend to the patches (untrained, k-means or fitted)."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from viz.panels import has_fit, resampler_panel, resampler_title
+
+from .common import LIVE, OVERLAY_H, Tab, Wiring, export_box, guarded, need, stats_md
+
+ID = "resampler"
+INITS = [("k-means", "kmeans"), ("random", "random"), ("fit", "fit")]
+TEXT = """**What am I looking at?** A Perceiver Resampler (Flamingo, 2022) has L
+learnable latent queries that cross-attend to all patch tokens; each latent becomes one output
+token. Each patch is coloured by the latent that attends to it most; the small maps show every
+latent's attention. No vision-language model is loaded, so the resampler is **untrained**:
+*k-means* starts the latents at token cluster centres (the maps then show clusters), *random*
+shows the raw mechanism, *fit* trains it on this image for a few seconds."""
+
+
+@guarded
+def render(session, latents: int, depth: int, init: str, selected: int, with_figure: bool = True,
+           progress=None):
+    """[overlay, every latent's map, the selected latent's map, stats] (+ [figure])."""
+    enc = need(session)
+    latents = min(int(latents), enc.num_patches)
+    run_init, note = init, ""
+    if init == "fit" and progress is None and not has_fit(enc, latents, int(depth)):
+        run_init, note = "kmeans", " · showing k-means init: press **Fit** to train"
+    cb = None
+    if progress is not None:
+        def cb(step, steps, loss):
+            progress((step, steps), desc=f"fitting: loss {loss:.4f}")
+    p = resampler_panel(enc, latents, int(depth), run_init, 0, int(selected), progress=cb,
+                        with_figure=with_figure)
+    session.panels[ID] = p
+    extra = f" · {resampler_title(p.comp)}" + note
+    if p.comp.extra["loss"]:
+        extra += f" · final loss {p.comp.extra['final_loss']:.4f}"
+    out = [p.overlay, p.extra["grid"], p.extra["single"], stats_md(p, extra)]
+    return out + [p.figure] if with_figure else out
+
+
+@guarded
+def do_fit(session, latents, depth, selected, progress=gr.Progress()):  # noqa: B008
+    """Train the resampler on this image (a few seconds), then show it."""
+    return render(session, latents, depth, "fit", selected, True, progress)
+
+
+def build(w: Wiring) -> Tab:
+    with gr.Tab("Perceiver Resampler", id=ID) as tab:
+        with gr.Row():
+            with gr.Column(scale=3, min_width=420):
+                overlay = gr.Image(label="Patch -> strongest latent", format="jpeg",
+                                   interactive=False, height=OVERLAY_H, elem_id="resampler-overlay")
+            with gr.Column(scale=2, min_width=300):
+                latents = gr.Slider(1, 576, value=64, step=1, label="Latents",
+                                    elem_id="resampler-latents")
+                depth = gr.Slider(1, 6, value=2, step=1, label="Depth", elem_id="resampler-depth")
+                init = gr.Radio(INITS, value="kmeans", label="Initialisation",
+                                elem_id="resampler-init")
+                fit_button = gr.Button("Fit on this image (a few seconds)", size="sm",
+                                       elem_id="resampler-fit")
+                stats = gr.Markdown(elem_id="resampler-stats")
+                selected = gr.Slider(0, 575, value=0, step=1, label="Latent to show large",
+                                     elem_id="resampler-selected")
+                single = gr.Image(label="Selected latent's attention", format="jpeg",
+                                  interactive=False, height=260, elem_id="resampler-single")
+        gr.Markdown(TEXT)
+        grid = gr.Image(label="Every latent's attention (small multiples)", format="jpeg",
+                        interactive=False, show_label=False, elem_id="resampler-grid")
+        plot = gr.Plot(label="Latents", elem_id="resampler-plot")
+        export_box(w, ID)
+
+    inputs = [w.session, latents, depth, init, selected]
+    live = [overlay, grid, single, stats]
+    for slider in (latents, selected):
+        w.on(slider.input, lambda *a: render(*a, with_figure=False), inputs, live, "resample_live",
+             **LIVE)
+        w.on(slider.release, render, inputs, live + [plot], "resample", **LIVE)
+    w.on(depth.release, render, inputs, live + [plot], **LIVE)
+    w.on(init.input, render, inputs, live + [plot], **LIVE)
+    w.on(fit_button.click, do_fit, [w.session, latents, depth, selected], live + [plot], "fit",
+         concurrency_id="heavy", concurrency_limit=1).then(
+        lambda: "fit", None, init, api_visibility="private")
+
+    def fit(enc, latents, _depth, _init, selected):
+        n = enc.num_patches
+        return [gr.update(maximum=max(n, 2), value=min(int(latents), n)),
+                gr.update(maximum=max(n - 1, 1), value=min(int(selected), n - 1))]
+
+    return Tab(ID, tab, inputs[1:], live + [plot], render, [latents, selected], fit)
