@@ -225,18 +225,72 @@ def test_page_requests_nothing_outside_the_app(page):
     assert page.external_requests == []
 
 
-def test_bad_upload_shows_a_clear_message_and_the_app_goes_on(page, tmp_path):
-    bad = tmp_path / "notes.png"
-    bad.write_bytes(b"these are my lecture notes, not a picture\n" * 40)
-    page.set_input_files("#input-image input[type=file]", str(bad))
-    page.get_by_text("not an image", exact=False).first.wait_for()
-    page.screenshot(path=str(ARTIFACTS / "bad-upload.png"), full_page=False)
-    # a good photo afterwards encodes as usual
-    old, stats = src(page, "merge-overlay"), text(page, "merge-stats")
+BAD_FILES = {  # name: (content maker, what the message must name)
+    "notes.png": (lambda png: b"these are my lecture notes, not a picture\n" * 40, "not an image"),
+    "empty.png": (lambda png: b"", "empty"),
+    "cut.png": (lambda png: png[: len(png) // 2], "truncated"),
+    "noise.jpg": (lambda png: np.random.default_rng(1).bytes(5000), "not an image"),
+    "bomb.png": (lambda png: _bomb(60_000, 60_000), "too large"),
+}
+
+
+def _bomb(width: int, height: int) -> bytes:
+    """A valid PNG header claiming width x height pixels, with a tiny body."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
+            + chunk(b"IEND", b""))
+
+
+ERROR_BADGES_JS = """() => Array.from(document.querySelectorAll('body *')).filter(e =>
+  e.children.length === 0 && e.textContent.trim() === 'Error' && e.offsetParent !== null).length"""
+TOASTS_JS = """() => Array.from(document.querySelectorAll('.toast-body')).filter(
+  e => e.offsetParent !== null).map(e => e.innerText)"""
+
+
+def test_a_refused_upload_is_calm(page, tmp_path):
+    """Each bad file: one toast naming the problem, no "Error" badge anywhere, the input shows the
+    last good photo again, the status says it was refused and why; then a good photo encodes."""
+    import io
+
+    from PIL import Image
+
     page.get_by_role("tab", name="Token merging").click()
-    page.set_input_files("#input-image input[type=file]", str(ASSETS / "rocket.jpg"))
+    old, stats = src(page, "merge-overlay"), text(page, "merge-stats")
+    page.set_input_files("#input-image input[type=file]", str(ASSETS / "hubble.jpg"))
     wait_changed(page, "merge-overlay", old, "merge-stats", stats)
-    assert "576 tokens" in text(page, "encode-status")
+    settle(page, "merge-overlay", "merge-stats", "encode-status")
+    good_overlay, good_stats = src(page, "merge-overlay"), text(page, "merge-stats")
+    buf = io.BytesIO()
+    Image.open(ASSETS / "coffee.jpg").save(buf, "PNG")
+    for name, (make, expect) in BAD_FILES.items():
+        for close in page.locator(".toast-close").all():  # earlier toasts out of the way
+            if close.is_visible():
+                close.click()
+        page.wait_for_function(f"() => ({TOASTS_JS})().length === 0")
+        path = tmp_path / name
+        path.write_bytes(make(buf.getvalue()))
+        page.set_input_files("#input-image input[type=file]", str(path))
+        page.wait_for_function("() => document.querySelector('#encode-status').innerText"
+                               ".includes('Refused')")
+        page.wait_for_function(f"() => ({TOASTS_JS})().length > 0")
+        settle(page, "encode-status", "merge-overlay", "merge-stats", quiet_ms=1500)
+        toasts = page.evaluate(TOASTS_JS)
+        assert len(toasts) == 1 and expect in toasts[0].lower(), (name, toasts)
+        assert expect in text(page, "encode-status").lower(), name
+        assert page.evaluate(ERROR_BADGES_JS) == 0, f"an Error badge after {name}"
+        shown = page.eval_on_selector("#input-image img", "e => e.src")
+        assert shown.endswith("/hubble.jpg"), (name, shown)  # the last good photo again
+        assert (src(page, "merge-overlay"), text(page, "merge-stats")) == (good_overlay, good_stats)
+        page.screenshot(path=str(ARTIFACTS / f"refused-{Path(name).stem}.png"), full_page=False)
+    # a good photo afterwards encodes as usual
+    page.set_input_files("#input-image input[type=file]", str(ASSETS / "rocket.jpg"))
+    wait_changed(page, "merge-overlay", good_overlay, "merge-stats", good_stats)
+    assert "576 tokens" in text(page, "encode-status") and "Refused" not in text(page, "encode-status")
 
 
 def test_clicking_a_sample_photo_encodes_it(page):
