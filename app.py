@@ -59,15 +59,17 @@ def main(argv: list[str] | None = None) -> None:
                     help="largest accepted image in pixels (env TCE_MAX_PIXELS, default 40e6)")
     ap.add_argument("--precision", choices=["fp32", "bf16"],
                     default=os.environ.get("TCE_PRECISION", "fp32"),
-                    help="bf16 encodes ~1.4x faster on CPUs with AVX-512 BF16 (tokens within "
-                         "cosine 0.997 of fp32); default fp32")
+                    help="bf16 encodes ~1.4x faster on a GPU or a CPU with native bf16 (AVX-512 "
+                         "BF16, AMX); elsewhere fp32 is used, with a notice; default fp32")
     args = ap.parse_args(argv)
     logging.basicConfig(level=os.environ.get("TCE_LOG_LEVEL", "WARNING"),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     limits.device, limits.max_upload_mb = args.device, args.max_upload_mb
     limits.max_pixels = int(args.max_pixels)
     set_precision(args.precision)
-    shared_encoder(BUNDLED_NAME, limits.device)  # load (and convert, first time) before serving
+    encoder = shared_encoder(BUNDLED_NAME, limits.device)  # load (and convert) before serving
+    if getattr(encoder, "notice", ""):
+        print(f"note: {encoder.notice}", flush=True)
     # System fonts only: the default theme would fetch web fonts, and the app must work offline.
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])

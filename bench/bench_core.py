@@ -8,41 +8,24 @@ issue's target next to each row.
 from __future__ import annotations
 
 import argparse
-import platform
-import statistics
 import sys
-import time
 from pathlib import Path
 
-import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import header, synchronizer, timed  # noqa: E402
 from compress import (  # noqa: E402
     STRATEGIES,
     Encoder,
-    device_label,
     merge_bipartite,
     merge_threshold,
     prune_attention,
     resample,
     run_at_budget,
 )
-
-
-def timed(fn, repeat: int, sync) -> tuple[float, float]:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeat):
-        sync()
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return statistics.median(times), times[min(len(times) - 1, int(0.9 * len(times)))]
 
 
 def main() -> None:
@@ -52,7 +35,7 @@ def main() -> None:
     args = ap.parse_args()
     encoder = Encoder(device=args.device)
     dev = encoder.device
-    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    sync = synchronizer(dev)
     image = Image.open(ROOT / "assets" / "coffee.jpg")
     rows = []
 
@@ -62,7 +45,8 @@ def main() -> None:
         rows.append((f"encode {size} px (N = {n})", med, p90, target))
     fast = Encoder(device=args.device, precision="bf16")
     med, p90 = timed(lambda: fast.encode(image, size=336), args.repeat, sync)
-    rows.append(("encode 336 px, precision bf16", med, p90, 250))
+    label = "encode 336 px, precision bf16" + (" (no native bf16 here: ran fp32)" if fast.notice else "")
+    rows.append((label, med, p90, 250))
 
     for size in (336, 896):  # 24 x 24 = 576 and 64 x 64 = 4096 patches
         enc = encoder.encode(image, size=size)
@@ -97,8 +81,7 @@ def main() -> None:
             rows.append(("N = 576: Compare view refresh (10 strategies, grid, curve)", med, p90,
                          1000))
 
-    print(f"device: {device_label(dev)}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{platform.processor() or platform.machine()}; repeats {args.repeat}")
+    print(f"{header(dev)}; repeats {args.repeat}")
     print()
     print("| what | median ms | p90 ms | target ms | ok |")
     print("| --- | ---: | ---: | ---: | :-: |")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,3 +300,31 @@ def test_attention_from_another_block_than_the_tokens(encoder):
     assert torch.equal(back.k, encoder.encode(image, size=224, layer=3).k)
     with pytest.raises(ValueError, match="layer"):
         encoder.encode(image, size=224, attention_layer=12)
+
+
+def test_bf16_only_where_the_cpu_has_it(monkeypatch):
+    """bf16 on a CPU without native bf16 would be ~5x slower: fp32 instead, with a notice.
+    Where the CPU has it (faked here when it does not), bf16 runs and stays close to fp32."""
+    from compress import encoder as encoder_module
+
+    monkeypatch.setattr(encoder_module, "cpu_bf16_native", lambda: False)
+    slow = Encoder(device="cpu", precision="bf16")
+    assert slow.precision == "fp32"
+    assert "no native bf16" in slow.notice and encoder_module.cpu_capability() in slow.notice
+    assert Encoder(device="cpu").notice == ""
+
+    monkeypatch.setattr(encoder_module, "cpu_bf16_native", lambda: True)
+    fast = Encoder(device="cpu", precision="bf16")
+    assert fast.precision == "bf16" and fast.notice == ""
+    image = Image.open(ASSETS / "coffee.jpg")
+    a, b = fast.encode(image, size=112), slow.encode(image, size=112)
+    cos = torch.nn.functional.cosine_similarity(a.tokens, b.tokens, dim=-1)
+    assert float(cos.mean()) > 0.99 and not torch.equal(a.tokens, b.tokens)
+
+
+@pytest.mark.skipif(not Path("/proc/cpuinfo").exists(), reason="reads Linux CPU flags")
+def test_cpu_bf16_native_reads_the_cpu_flags():
+    from compress.encoder import cpu_bf16_native
+
+    words = Path("/proc/cpuinfo").read_text().split()
+    assert cpu_bf16_native() == any(f in words for f in ("avx512_bf16", "amx_bf16", "bf16"))
