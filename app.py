@@ -18,7 +18,7 @@ import gradio as gr  # noqa: E402
 
 from compress import BUNDLED_NAME  # noqa: E402
 from compress.cache import set_precision, shared_encoder  # noqa: E402
-from tabs import compare, features, merge, more, prune, resampler, source  # noqa: E402
+from tabs import compare, features, floor, merge, more, prune, resampler, source  # noqa: E402
 from tabs.common import Session, Wiring  # noqa: E402
 
 QUEUE_SIZE = int(os.environ.get("TCE_QUEUE_SIZE", "128"))
@@ -38,6 +38,8 @@ def build() -> gr.Blocks:
                 with gr.Tabs():
                     tabs = [module.build(w) for module in TABS]
         source.wire(w, src, tabs, demo)
+        if os.environ.get("TCE_BENCH_FLOOR") == "1":  # the browser benchmark's transport floor
+            floor.build(w)
     demo.queue(default_concurrency_limit=8, max_size=QUEUE_SIZE)
     return demo
 

@@ -25,6 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.common import header  # noqa: E402
 from bench.serve import free_port, start_app, stop_app  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
@@ -44,6 +45,8 @@ def zigzag(lo: float, hi: float, n: int, digits: int = 3) -> list:
 
 # slider id, overlay id, stats id, tab, values to step through, target ms, outputs encoded
 CASES = [
+    # the floor: a trivial handler returning one of two fixed 64 px JPEG files (tabs/floor.py)
+    ("floor-slider", "floor-image", None, None, list(range(1, 60)), None, ()),
     ("merge-threshold", "merge-overlay", "merge-stats", "Token merging",
      zigzag(0.80, 0.97, 40), 150, ("merge",)),
     ("merge-target", "merge-overlay", "merge-stats", "Token merging",
@@ -130,7 +133,7 @@ def main() -> None:
     from playwright.sync_api import sync_playwright
 
     port = free_port()
-    proc = start_app(port)
+    proc = start_app(port, extra_env={"TCE_BENCH_FLOOR": "1"})
     rows = []
     try:
         with sync_playwright() as p:
@@ -141,7 +144,8 @@ def main() -> None:
             page.goto(f"http://127.0.0.1:{port}/")
             page.wait_for_function("() => document.querySelector('#merge-stats')?.innerText.includes('→')")
             for slider, overlay, stats_id, tab, values, target, kinds in CASES:
-                page.get_by_role("tab", name=tab).click()
+                if tab is not None:
+                    page.get_by_role("tab", name=tab).click()
                 page.wait_for_selector(f"#{overlay} img")
                 totals, strategy, drawing = [], [], []
                 print(f"{slider}...", file=sys.stderr)
@@ -150,7 +154,7 @@ def main() -> None:
                 for value in values[: (args.steps if not release else 8) + 1]:
                     ms = page.evaluate(STEP_JS, [slider, waits, value, release])
                     page.wait_for_timeout(60)  # let the stats line land
-                    s, d = split_from_stats(page.inner_text(f"#{stats_id}"))
+                    s, d = split_from_stats(page.inner_text(f"#{stats_id}")) if stats_id else (0, 0)
                     totals.append(ms)
                     strategy.append(s)
                     drawing.append(d)
@@ -163,22 +167,30 @@ def main() -> None:
     finally:
         stop_app(proc)
 
-    import torch
-
     print(f"Slider round trip in Chromium, {args.steps} updates per slider, 576 tokens "
-          f"(coffee.jpg, 336 px, bundled DINOv2 ViT-S/14), CPU with {torch.get_num_threads()} threads")
+          f"(coffee.jpg, 336 px, bundled DINOv2 ViT-S/14)")
+    print(header("cpu"))
     print()
     print("| slider | median ms | p90 ms | strategy | drawing | JPEG encode | transport + UI "
-          "| target | ok |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :-: |")
+          "| x floor | target | ok |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :-: |")
+    floor = None
     for slider, totals, s, d, kinds, target in rows:
         totals = sorted(totals)
         med = statistics.median(totals)
         p90 = totals[min(len(totals) - 1, int(0.9 * len(totals)))]
-        enc = jpeg_save_ms(kinds)
+        enc = jpeg_save_ms(kinds) if kinds else 0.0
         rest = max(0.0, med - s - d - enc)
+        if floor is None:
+            floor = rest
+        ratio = rest / floor if floor else float("nan")
+        ok = "" if target is None else ("yes" if med < target else "NO")
         print(f"| {slider} | {med:.0f} | {p90:.0f} | {s:.1f} | {d:.1f} | {enc:.1f} | {rest:.0f} "
-              f"| < {target} | {'yes' if med < target else 'NO'} |")
+              f"| {ratio:.2f} | {'' if target is None else f'< {target}'} | {ok} |")
+    print()
+    print("x floor: each slider's transport + UI time over the floor's (a trivial handler "
+          "returning a fixed 64 px JPEG, same browser session); target <= 1.5 for merge, prune "
+          "and resampler.")
 
 
 if __name__ == "__main__":
