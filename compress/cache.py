@@ -10,7 +10,11 @@ many sessions and images there are:
   holding at most ``TCE_MAX_ENCODINGS`` (default 64) across all sessions: past
   that the globally least recently used one goes, whichever session had it
   (that session then re-encodes on its next request). A session's entries go
-  when it is garbage-collected;
+  when it is garbage-collected. The store also shares encodings by content: a
+  session asking for a picture that another session has encoded with the same
+  settings gets that encoding (and everything derived from it) at once, and
+  many sessions asking together wait for one encode (a class opening the
+  sample photo at the same moment);
 - ``shared_encoder`` loads each (model, device) once for the process and keeps
   at most ``TCE_MAX_MODELS`` (default 3) models, dropping the least recently
   used one -- never the bundled default.
@@ -155,6 +159,8 @@ class SharedEncodings:
         self._lru = LRUCache(capacity, math.inf, clock)
         self._clock = clock
         self._dead: deque[int] = deque()  # owners gone since the last call; appended from finalizers
+        self._making: dict[Hashable, threading.Lock] = {}  # one encode per key at a time
+        self._making_lock = threading.Lock()
 
     @property
     def capacity(self) -> int:
@@ -183,6 +189,35 @@ class SharedEncodings:
 
     def discard(self, owner: int, key: Hashable) -> None:
         self._lru.discard((owner, key))
+
+    def find(self, key: Hashable) -> Encoding | None:
+        """Any owner's live encoding under ``key`` (the same picture with the same settings)."""
+        self._tidy()
+        for owner, k in self._lru.keys():
+            if k == key:
+                hit = self._lru.get((owner, k))
+                if hit is not None:
+                    return hit[0]
+        return None
+
+    def get_or_make(self, owner: int, key: Hashable, make: Callable[[], Encoding],
+                    ttl: float = math.inf) -> tuple[Encoding, bool]:
+        """(encoding, was_cached) for ``owner``: reuse another owner's encoding of the same
+        ``key``, else ``make()`` it -- once, however many owners ask at the same moment (a
+        class opening the sample photo together waits for one encode, not sixteen)."""
+        with self._making_lock:
+            lock = self._making.setdefault(key, threading.Lock())
+        try:
+            with lock:
+                enc, cached = self.find(key), True
+                if enc is None:
+                    enc, cached = make(), False
+                self.put(owner, key, enc, ttl)
+                return enc, cached
+        finally:
+            with self._making_lock:
+                if not lock.locked():
+                    self._making.pop(key, None)
 
     def count(self, owner: int) -> int:
         """How many encodings ``owner`` has in the store."""
@@ -225,16 +260,18 @@ class EncodingCache:
     def get_or_encode(self, encoder: Encoder, image: Image.Image, digest: str, size: int,
                       layer: int, keep_aspect: bool) -> tuple[Encoding, bool]:
         """(encoding, was_cached)."""
-        key = (digest, encoder.name, str(encoder.device), int(size), encoder.resolve_layer(layer),
-               bool(keep_aspect))
+        key = (digest, encoder.name, str(encoder.device), getattr(encoder, "precision", "fp32"),
+               int(size), encoder.resolve_layer(layer), bool(keep_aspect))
         if self._lru.get(key) is not None:
             hit = self._store.get(self._owner, key)
             if hit is not None:
                 return hit, True
-        enc = encoder.encode(image, size=size, layer=layer, keep_aspect=keep_aspect)
-        self._store.put(self._owner, key, enc, self._ttl)
+        enc, cached = self._store.get_or_make(
+            self._owner, key,
+            lambda: encoder.encode(image, size=size, layer=layer, keep_aspect=keep_aspect),
+            self._ttl)
         self._lru.put(key, True)
-        return enc, False
+        return enc, cached
 
 
 class ModelPool:

@@ -71,4 +71,12 @@ def build(w: Wiring) -> Tab:
         n = enc.num_patches
         return [gr.update(maximum=n, value=min(int(target), n))]
 
-    return Tab(ID, tab, inputs[1:], live + [plot], render, [target], fit)
+    def figure(session, *values):
+        return render(session, *values, with_figure=True)[-1]
+
+    def quick(session, *values):
+        return render(session, *values, with_figure=False)
+
+    # first the overlay and the numbers, then the figure (the slowest picture)
+    return Tab(ID, tab, inputs[1:], live, quick, [target], fit,
+               later=(figure, inputs[1:], [plot]))

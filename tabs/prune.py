@@ -102,4 +102,12 @@ def build(w: Wiring) -> Tab:
         heads = ["mean"] + [str(h) for h in range(enc.num_heads)]
         return [gr.update(choices=heads, value=head if head in heads else "mean")]
 
-    return Tab(ID, tab, inputs[1:], live + [plot], render, [head], fit)
+    def figure(session, *values):
+        return render(session, *values, with_figure=True)[-1]
+
+    def quick(session, *values):
+        return render(session, *values, with_figure=False)
+
+    # first the overlay and the numbers, then the figure (the slowest picture)
+    return Tab(ID, tab, inputs[1:], live, quick, [head], fit,
+               later=(figure, inputs[1:], [plot]))

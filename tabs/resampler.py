@@ -89,4 +89,12 @@ def build(w: Wiring) -> Tab:
         return [gr.update(maximum=max(n, 2), value=min(int(latents), n)),
                 gr.update(maximum=max(n - 1, 1), value=min(int(selected), n - 1))]
 
-    return Tab(ID, tab, inputs[1:], live + [plot], render, [latents, selected], fit)
+    def figure(session, *values):
+        return render(session, *values, with_figure=True)[-1]
+
+    def quick(session, *values):
+        return render(session, *values, with_figure=False)
+
+    # first the overlay and the numbers, then the figure (the slowest picture)
+    return Tab(ID, tab, inputs[1:], live, quick, [latents, selected], fit,
+               later=(figure, inputs[1:], [plot]))

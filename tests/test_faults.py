@@ -312,3 +312,33 @@ def test_shared_encoder_uses_the_process_pool(monkeypatch):
     monkeypatch.setattr(cache, "MODELS", ModelPool(capacity=2, factory=_factory(loads)))
     assert cache.shared_encoder("x", "cpu") is cache.shared_encoder("x", "cpu")
     assert loads == ["x"]
+
+
+def test_sessions_share_an_encoding_of_the_same_picture_and_encode_it_once():
+    """Sixteen sessions asking for the same picture at the same moment: one encode, one object;
+    a different picture or setting is encoded on its own."""
+    import time as _time
+
+    store = SharedEncodings(capacity=64)
+
+    class SlowFake(FakeEncoder):
+        def encode(self, image, size, layer, keep_aspect):
+            _time.sleep(0.2)  # long enough for every thread to arrive while it runs
+            return super().encode(image, size, layer, keep_aspect)
+
+    fake = SlowFake()
+    sessions = [EncodingCache(capacity=4, store=store) for _ in range(16)]
+    got = [None] * 16
+    threads = [threading.Thread(target=lambda i=i: got.__setitem__(i, _get(sessions[i], fake, "class")))
+               for i in range(16)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert fake.calls == 1
+    assert len({id(enc) for enc, _ in got}) == 1
+    assert sorted(cached for _, cached in got) == [False] + [True] * 15
+    _get(sessions[0], fake, "another picture")
+    assert fake.calls == 2
+    sessions[0].get_or_encode(fake, None, "class", 224, -1, False)  # same picture, other size
+    assert fake.calls == 3
