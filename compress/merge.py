@@ -80,6 +80,15 @@ def _hard_assign(labels: torch.Tensor, num_out: int) -> torch.Tensor:
     return onehot / onehot.sum(dim=1, keepdim=True)
 
 
+def _best_merged_edge(n: int, edges: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
+    """Per patch, the highest similarity among the edges that merged it, [N] (NaN: merged with none)."""
+    best = torch.full((n,), -math.inf, device=sims.device)
+    if edges.numel():
+        both = torch.cat([edges[:, 0], edges[:, 1]])
+        best = best.scatter_reduce(0, both, torch.cat([sims, sims]), reduce="amax")
+    return torch.where(torch.isinf(best), torch.full_like(best, math.nan), best)
+
+
 def merge_threshold(enc: Encoding, threshold: float, connectivity: int = 4) -> Compression:
     """Merge adjacent patches whose cosine similarity is at least ``threshold``.
 
@@ -107,7 +116,9 @@ def merge_threshold(enc: Encoding, threshold: float, connectivity: int = 4) -> C
         assign=assign,
         strategy="merge_threshold",
         params={"threshold": threshold, "connectivity": connectivity},
-        extra={"edge_sims": sims, "edges": edges},
+        extra={"edge_sims": sims, "edges": edges,
+               "parts": {"best similarity to a merged neighbour": _best_merged_edge(
+                   enc.num_patches, keep, sims[sims >= threshold])}},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
         form="merge",
     )

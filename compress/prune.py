@@ -20,6 +20,8 @@ from ._checks import check_choice, check_int, check_real
 from .types import Compression, Encoding
 
 SCORES = ("cls", "received", "query")
+SCORE_NAMES = {"cls": "CLS attention", "received": "attention received",
+               "query": "attention from the query patch"}
 
 
 def query_index(enc: Encoding, query) -> int:
@@ -97,14 +99,26 @@ def prune_attention(
         assign=assign,
         strategy="prune_attention",
         params=params,
-        extra={"scores": scores, "kept": kept},
+        extra={"scores": scores, "kept": kept, "parts": {SCORE_NAMES[score]: scores},
+               "role": _roles(n, {"kept (top-k)": kept}, "dropped")},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
     )
+
+
+def _roles(n: int, groups: dict[str, torch.Tensor], rest: str) -> list[str]:
+    """A word per patch for the inspector: the first group (patch indices) that holds it, else ``rest``."""
+    roles = [rest] * n
+    for name, idx in reversed(list(groups.items())):
+        for i in idx.tolist():
+            roles[i] = name
+    return roles
 
 
 # --- PruMerge / PruMerge+ (Shang et al., 2024) -----------------------------------------
 
 PRUMERGE_ATTENTION = ("concat", "mean", "received")
+PRUMERGE_SCORE_NAMES = {"concat": "CLS attention (one softmax over the concatenated heads)",
+                        "mean": "CLS attention (mean over heads)", "received": "attention received"}
 
 
 def _prumerge_attention(enc: Encoding, attention: str) -> torch.Tensor:
@@ -298,7 +312,13 @@ def prumerge(
         strategy="prumerge_plus" if plus else "prumerge",
         params=params,
         extra={"scores": scores, "bound": bound, "outliers": outliers, "samples": samples,
-               "kept": kept, "neighbours": nbr, "scale": scale},
+               "kept": kept, "neighbours": nbr, "scale": scale,
+               "parts": {PRUMERGE_SCORE_NAMES[attention]: scores},
+               "role": _roles(n, {"outlier (score above Q3 + 1.5 IQR)": outliers,
+                                  "spatial sample (PruMerge+)": samples if samples is not None
+                                  else outliers[:0],
+                                  "folded into a kept token (key neighbour)": nbr.flatten()},
+                              "pruned (in the summary token)")},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
     )
 
@@ -413,7 +433,12 @@ def visionzip(
         strategy="visionzip",
         params={"target": target, "dominant_ratio": dominant_ratio, "score": score},
         extra={"scores": scores, "dominant": dominant, "targets": targets, "groups": groups,
-               "num_dominant": num_dom, "num_contextual": num_ctx, "scale": scale},
+               "num_dominant": num_dom, "num_contextual": num_ctx, "scale": scale,
+               "parts": {SCORE_NAMES[score]: scores},
+               "role": _roles(n, {"dominant (top attention)": dominant,
+                                  "contextual target": targets,
+                                  "merged into a contextual token": (groups >= 0).nonzero().flatten()},
+                              "dropped")},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
     )
 
@@ -435,6 +460,14 @@ def cosine_gram(unit: torch.Tensor, block: int = 512) -> torch.Tensor:
         gram[i0:i1, i0:] = blk
         gram[i1:, i0:i1] = blk[:, i1 - i0:].T
     return gram
+
+
+def _pick_roles(n: int, order: torch.Tensor) -> list[str]:
+    roles = ["dropped"] * n
+    for j, i in enumerate(order.tolist()):
+        roles[i] = f"pick #{j + 1} (the farthest from the earlier picks)" if j else \
+            "pick #1 (the patch whose nearest neighbour is farthest)"
+    return roles
 
 
 def divprune(enc: Encoding, target: int) -> Compression:
@@ -485,7 +518,11 @@ def divprune(enc: Encoding, target: int) -> Compression:
         assign=F.one_hot(kept, n).float(),
         strategy="divprune",
         params={"target": target},
-        extra={"kept": kept, "order": order, "min_distance": 1.0 - best_sim},
+        extra={"kept": kept, "order": order, "min_distance": 1.0 - best_sim,
+               "parts": {"distance to the earlier picks when picked":
+                         torch.full((n,), math.nan, device=device).index_put_(
+                             (order,), 1.0 - best_sim)},
+               "role": _pick_roles(n, order)},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
     )
 

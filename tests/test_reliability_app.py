@@ -152,10 +152,13 @@ def test_binds_loopback_by_default(monkeypatch):
     monkeypatch.setattr(app, "build", lambda: type("B", (), {"launch": lambda self, **kw:
                                                               seen.update(kw)})())
     monkeypatch.setattr(app, "shared_encoder", lambda *a, **k: None)
+    monkeypatch.setattr(app.torch, "set_num_threads", lambda n: seen.update(threads=n))
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
+    monkeypatch.delenv("TCE_THREADS", raising=False)
     app.main([])
     assert seen["server_name"] == "127.0.0.1" and seen["share"] is False
     assert seen["run_history"] is False and seen["max_file_size"] == 25 * 2**20
+    assert seen["threads"] == 1  # one torch thread per request unless asked otherwise
 
 
 @pytest.fixture(scope="module")
