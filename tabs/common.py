@@ -23,7 +23,7 @@ import gradio as gr
 
 from compress import ImageError, WeightsUnavailable
 from compress.cache import EncodingCache
-from viz.panels import Panel, export_json
+from viz.panels import Panel, export_json, inspector_view
 
 LOG = logging.getLogger("tce.app")
 OVERLAY_H = 560
@@ -50,6 +50,7 @@ class Session:
         self.open_tab = "merge"
         self.drawn: dict[str, int] = {}
         self.last_image: str | None = None  # the last upload that encoded, shown again after a refusal
+        self.inspected: dict[str, int] = {}  # tab id -> the patch its inspector shows
         self.lock = threading.Lock()
 
     def __deepcopy__(self, memo):
@@ -61,6 +62,7 @@ class Session:
         if enc is not self.enc:
             if self.enc is None or self.enc.grid != enc.grid:
                 self.query = None
+                self.inspected.clear()
             self.enc = enc
             self.version += 1
 
@@ -169,6 +171,58 @@ def _export_folder() -> Path:
     return Path(tempfile.mkdtemp(dir=EXPORT_ROOT))
 
 
+# --- the token inspector ---------------------------------------------------------------------
+
+INSPECT_HINT = ("*Click the picture to inspect a token*: the patches it covers, its attention, "
+                "and the parts of the score that decided it; for a dropped patch, the kept token "
+                "that now stands in for it.")
+
+
+def patch_at(session, tab: str, evt: gr.SelectData) -> int:
+    """The patch under a click on ``tab``'s overlay (pixel position scaled to the grid)."""
+    enc = need(session)
+    x, y = evt.index[0], evt.index[1]
+    p = session.panels.get(tab)
+    width, height = p.overlay.size if p is not None else enc.image.size
+    gh, gw = enc.grid
+    col = min(gw - 1, max(0, int(x * gw / width)))
+    row = min(gh - 1, max(0, int(y * gh / height)))
+    return row * gw + col
+
+
+class Inspector:
+    """A tab's inspector: a Markdown report and the selected token drawn on the image."""
+
+    def __init__(self, tab: str):
+        self.tab = tab
+        with gr.Accordion("Token inspector: click the picture", open=True):
+            with gr.Row():
+                self.text = gr.Markdown(INSPECT_HINT, elem_id=f"{tab}-inspect-text")
+                self.image = gr.Image(label="The selected token", format="jpeg", interactive=False,
+                                      height=260, elem_id=f"{tab}-inspect-image", visible=False)
+
+    @property
+    def outputs(self) -> list:
+        return [self.text, self.image]
+
+    def view(self, session) -> list:
+        """[Markdown, picture update] for the inspected patch of the tab's current result."""
+        patch = None if session is None else session.inspected.get(self.tab)
+        p = None if session is None else session.panels.get(self.tab)
+        if patch is None or p is None or session.enc is None:
+            return [INSPECT_HINT, gr.update(visible=False)]
+        _, text, picture = inspector_view(session.enc, p.comp, patch)
+        return [text, gr.update(value=picture, visible=True)]
+
+    def click(self):
+        """A handler for the overlay's select event: inspect the clicked patch."""
+        @guarded
+        def inspect(session, evt: gr.SelectData):
+            session.inspected[self.tab] = patch_at(session, self.tab, evt)
+            return self.view(session)
+        return inspect
+
+
 @guarded
 def do_export(session, tab: str):
     """The tab's current overlay (PNG) and result (JSON) as two files."""
@@ -180,7 +234,9 @@ def do_export(session, tab: str):
     png = folder / f"{tab}-overlay.png"
     p.overlay.save(png)
     js = folder / f"{tab}-result.json"
-    js.write_text(export_json(enc, p.comp, p.stats))
+    patch = session.inspected.get(tab)
+    report = None if patch is None else inspector_view(enc, p.comp, patch)[0]
+    js.write_text(export_json(enc, p.comp, p.stats, inspected=report))
     return [str(png), str(js)]
 
 

@@ -6,7 +6,7 @@ import gradio as gr
 
 from viz.panels import merge_panel
 
-from .common import LIVE, OVERLAY_H, Tab, Wiring, export_box, guarded, need, stats_md
+from .common import LIVE, OVERLAY_H, Inspector, Tab, Wiring, export_box, guarded, need, stats_md
 
 ID = "merge"
 METHODS = [("adjacent threshold", "threshold"), ("ToMe bipartite", "tome")]
@@ -34,8 +34,8 @@ def build(w: Wiring) -> Tab:
     with gr.Tab("Token merging", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
-                overlay = gr.Image(label="Merged clusters", format="jpeg", interactive=False,
-                                   height=OVERLAY_H, elem_id="merge-overlay")
+                overlay = gr.Image(label="Merged clusters (click to inspect a token)", format="jpeg",
+                                   interactive=False, height=OVERLAY_H, elem_id="merge-overlay")
             with gr.Column(scale=2, min_width=300):
                 method = gr.Radio(METHODS, value="threshold", label="Method", elem_id="merge-method")
                 threshold = gr.Slider(0.0, 1.0, value=0.9, step=0.005, label="Threshold (adjacent)",
@@ -45,24 +45,33 @@ def build(w: Wiring) -> Tab:
                 fill = gr.Radio(FILLS, value="mean", label="Fill", elem_id="merge-fill")
                 stats = gr.Markdown(elem_id="merge-stats")
                 gr.Markdown(TEXT)
+        inspector = Inspector(ID)
         plot = gr.Plot(label="Similarities", elem_id="merge-plot")
         export_box(w, ID)
         api_only = gr.Button(visible=False)  # the /merge_live endpoint (below)
 
     inputs = [w.session, method, threshold, target, fill]
     live = [overlay, stats]
+    full = live + [plot] + inspector.outputs
 
     def by(chosen: str, with_figure: bool):
         # the slider a user touches picks the method it belongs to
         def fn(session, _method, threshold, target, fill):
-            return [chosen, *render(session, chosen, threshold, target, fill, with_figure)]
+            out = render(session, chosen, threshold, target, fill, with_figure)
+            return [gr.skip() if _method == chosen else chosen, *out,
+                    *(inspector.view(session) if with_figure else [])]
         return fn
+
+    def everything(session, *values):
+        return [*render(session, *values), *inspector.view(session)]
 
     for slider, chosen in ((threshold, "threshold"), (target, "tome")):
         w.on(slider.input, by(chosen, False), inputs, [method] + live, **LIVE)
-        w.on(slider.release, by(chosen, True), inputs, [method] + live + [plot], **LIVE)
+        w.on(slider.release, by(chosen, True), inputs, [method] + full, **LIVE)
     for ctl in (method, fill):
-        w.on(ctl.input, render, inputs, live + [plot], "merge", **LIVE)
+        w.on(ctl.input, everything, inputs, full, "merge", **LIVE)
+    overlay.select(inspector.click(), [w.session], inspector.outputs, api_visibility="private",
+                   **LIVE)
     # API-only: the live update with the method it is given (the UI's sliders pick theirs)
     api_only.click(lambda *a: render(*a, with_figure=False), inputs, live, api_name="merge_live",
                    **LIVE)
@@ -71,12 +80,12 @@ def build(w: Wiring) -> Tab:
         n = enc.num_patches
         return [gr.update(maximum=n, value=min(int(target), n))]
 
-    def figure(session, *values):
-        return render(session, *values, with_figure=True)[-1]
-
     def quick(session, *values):
         return render(session, *values, with_figure=False)
 
+    def later(session, *values):
+        return [render(session, *values, with_figure=True)[-1], *inspector.view(session)]
+
     # first the overlay and the numbers, then the figure (the slowest picture)
     return Tab(ID, tab, inputs[1:], live, quick, [target], fit,
-               later=(figure, inputs[1:], [plot]))
+               later=(later, inputs[1:], [plot] + inspector.outputs))

@@ -11,7 +11,7 @@ import gradio as gr
 from compress import STRATEGIES
 from viz.panels import strategy_panel
 
-from .common import LIVE, OVERLAY_H, Tab, Wiring, export_box, guarded, need, stats_md
+from .common import LIVE, OVERLAY_H, Inspector, Tab, Wiring, export_box, guarded, need, stats_md
 
 ID = "more"
 SEED_FOUR = ("merge_threshold", "merge_bipartite", "prune_attention", "resample")
@@ -62,7 +62,8 @@ def build(w: Wiring) -> Tab:
     with gr.Tab("More strategies", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
-                overlay = gr.Image(label="Result", format="jpeg", interactive=False,
+                overlay = gr.Image(label="Result (click to inspect a token)", format="jpeg",
+                                   interactive=False,
                                    height=OVERLAY_H, elem_id="more-overlay")
             with gr.Column(scale=2, min_width=300):
                 choice = gr.Radio([(STRATEGIES[k].label, k) for k in NAMES], value=DEFAULT,
@@ -72,18 +73,27 @@ def build(w: Wiring) -> Tab:
                 knobs = [_control(name, knob) for name, knob in KNOBS]
                 stats = gr.Markdown(elem_id="more-stats")
                 gr.Markdown(TEXT)
+        inspector = Inspector(ID)
         export_box(w, ID)
 
     inputs = [w.session, choice, budget, *knobs]
     out = [overlay, stats]
+    full = out + inspector.outputs
+
+    def everything(session, *values):
+        return [*render(session, *values), *inspector.view(session)]
+
     w.on(budget.input, render, inputs, out, "more_live", **LIVE)
-    w.on(choice.input, render, inputs, out, "more", **LIVE)
+    w.on(budget.release, everything, inputs, full, **LIVE)
+    w.on(choice.input, everything, inputs, full, "more", **LIVE)
     for ctl in knobs:
         if isinstance(ctl, gr.Slider):
             w.on(ctl.input, render, inputs, out, **LIVE)
-            w.on(ctl.release, render, inputs, out, **LIVE)
+            w.on(ctl.release, everything, inputs, full, **LIVE)
         else:
-            w.on(ctl.submit, render, inputs, out, **LIVE)
+            w.on(ctl.submit, everything, inputs, full, **LIVE)
+    overlay.select(inspector.click(), [w.session], inspector.outputs, api_visibility="private",
+                   **LIVE)
 
     def show_knobs(name):
         return [gr.update(visible=owner == name) for owner, _ in KNOBS]
@@ -95,4 +105,4 @@ def build(w: Wiring) -> Tab:
         n = enc.num_patches
         return [gr.update(maximum=n, value=min(int(budget), n))]
 
-    return Tab(ID, tab, inputs[1:], out, render, [budget], fit)
+    return Tab(ID, tab, inputs[1:], full, everything, [budget], fit)

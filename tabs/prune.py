@@ -6,17 +6,28 @@ import gradio as gr
 
 from viz.panels import prune_panel
 
-from .common import LIVE, OVERLAY_H, Tab, Wiring, export_box, guarded, need, stats_md
+from .common import (
+    LIVE,
+    OVERLAY_H,
+    Inspector,
+    Tab,
+    Wiring,
+    export_box,
+    guarded,
+    need,
+    patch_at,
+    stats_md,
+)
 
 ID = "prune"
 SCORES = [("CLS attention", "cls"), ("attention received", "received"),
           ("query (click image)", "query")]
 TEXT = """**What am I looking at?** Bright patches are kept, dark ones are dropped. The
 score is the attention the model pays to each patch: from the CLS token (what the model
-summarises the image with), received from all tokens, or from one *query* patch - click the
-image to choose it: the kept set then follows what that patch attends to, which is how
-query-dependent pruning behaves. "Attention kept" is the share of CLS attention on the kept
-patches."""
+summarises the image with), received from all tokens, or from one *query* patch - with that
+score, a click on the image moves the query: the kept set then follows what that patch attends
+to, which is how query-dependent pruning behaves. With the other scores a click inspects the
+token there. "Attention kept" is the share of CLS attention on the kept patches."""
 
 
 def _head(value: str):
@@ -40,21 +51,7 @@ def render(session, score: str, head: str, keep: float, heatmap: bool, with_figu
 
 
 @guarded
-def do_click(session, score, head, keep, heatmap, evt: gr.SelectData):
-    """A click on the overlay makes the patch under it the query."""
-    enc = need(session)
-    x, y = evt.index[0], evt.index[1]
-    p = session.panels.get(ID)
-    width, height = p.overlay.size if p is not None else enc.image.size
-    gh, gw = enc.grid
-    col = min(gw - 1, max(0, int(x * gw / width)))
-    row = min(gh - 1, max(0, int(y * gh / height)))
-    session.query = row * gw + col
-    return ["query", *render(session, "query", head, keep, heatmap)]
-
-
-@guarded
-def do_query(session, score, head, keep, heatmap, text):
+def do_query(session, score, head, keep, heatmap, text, inspector=None):
     """The query patch typed as "row, col"."""
     enc = need(session)
     try:
@@ -65,14 +62,17 @@ def do_query(session, score, head, keep, heatmap, text):
     if not (0 <= row < gh and 0 <= col < gw):
         raise gr.Error(f"query ({row}, {col}) is outside the {gh} x {gw} patch grid")
     session.query = row * gw + col
-    return ["query", *render(session, "query", head, keep, heatmap)]
+    session.inspected[ID] = session.query
+    out = ["query", *render(session, "query", head, keep, heatmap)]
+    return out + (inspector.view(session) if inspector is not None else [])
 
 
 def build(w: Wiring) -> Tab:
     with gr.Tab("Attention pruning", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
-                overlay = gr.Image(label="Kept patches (click to set the query)", format="jpeg",
+                overlay = gr.Image(label="Kept patches (click: inspect, or move the query)",
+                                   format="jpeg",
                                    interactive=False, height=OVERLAY_H, elem_id="prune-overlay")
             with gr.Column(scale=2, min_width=300):
                 score = gr.Radio(SCORES, value="cls", label="Score", elem_id="prune-score")
@@ -86,28 +86,45 @@ def build(w: Wiring) -> Tab:
                                    elem_id="prune-query")
                 stats = gr.Markdown(elem_id="prune-stats")
                 gr.Markdown(TEXT)
+        inspector = Inspector(ID)
         plot = gr.Plot(label="Scores", elem_id="prune-plot")
         export_box(w, ID)
 
     inputs = [w.session, score, head, keep, heat]
     live = [overlay, stats]
+    full = live + [plot] + inspector.outputs
+
+    def everything(session, *values):
+        return [*render(session, *values), *inspector.view(session)]
+
+    @guarded
+    def click(session, score, head, keep, heatmap, evt: gr.SelectData):
+        """With the query score a click moves the query (and inspects there); else it inspects."""
+        patch = patch_at(session, ID, evt)
+        session.inspected[ID] = patch
+        if score != "query":
+            return [gr.skip()] * (1 + len(live) + 1) + inspector.view(session)
+        session.query = patch
+        return ["query", *render(session, "query", head, keep, heatmap), *inspector.view(session)]
+
     w.on(keep.input, lambda *a: render(*a, with_figure=False), inputs, live, "prune_live", **LIVE)
-    w.on(keep.release, render, inputs, live + [plot], "prune", **LIVE)
+    w.on(keep.release, everything, inputs, full, "prune", **LIVE)
     for ctl in (score, head, heat):
-        w.on(ctl.input, render, inputs, live + [plot], **LIVE)
-    overlay.select(do_click, inputs, [score] + live + [plot], api_visibility="private", **LIVE)
-    w.on(query.submit, do_query, inputs + [query], [score] + live + [plot], "prune_query", **LIVE)
+        w.on(ctl.input, everything, inputs, full, **LIVE)
+    overlay.select(click, inputs, [score] + full, api_visibility="private", **LIVE)
+    w.on(query.submit, lambda *a: do_query(*a, inspector=inspector), inputs + [query],
+         [score] + full, "prune_query", **LIVE)
 
     def fit(enc, _score, head, _keep, _heat):
         heads = ["mean"] + [str(h) for h in range(enc.num_heads)]
         return [gr.update(choices=heads, value=head if head in heads else "mean")]
 
-    def figure(session, *values):
-        return render(session, *values, with_figure=True)[-1]
+    def later(session, *values):
+        return [render(session, *values, with_figure=True)[-1], *inspector.view(session)]
 
     def quick(session, *values):
         return render(session, *values, with_figure=False)
 
     # first the overlay and the numbers, then the figure (the slowest picture)
     return Tab(ID, tab, inputs[1:], live, quick, [head], fit,
-               later=(figure, inputs[1:], [plot]))
+               later=(later, inputs[1:], [plot] + inspector.outputs))

@@ -6,7 +6,7 @@ import gradio as gr
 
 from viz.panels import has_fit, resampler_panel, resampler_title
 
-from .common import LIVE, OVERLAY_H, Tab, Wiring, export_box, guarded, need, stats_md
+from .common import LIVE, OVERLAY_H, Inspector, Tab, Wiring, export_box, guarded, need, stats_md
 
 ID = "resampler"
 INITS = [("k-means", "kmeans"), ("random", "random"), ("fit", "fit")]
@@ -51,7 +51,7 @@ def build(w: Wiring) -> Tab:
     with gr.Tab("Perceiver Resampler", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
-                overlay = gr.Image(label="Patch -> strongest latent", format="jpeg",
+                overlay = gr.Image(label="Patch -> strongest latent (click to inspect)", format="jpeg",
                                    interactive=False, height=OVERLAY_H, elem_id="resampler-overlay")
             with gr.Column(scale=2, min_width=300):
                 latents = gr.Slider(1, 576, value=64, step=1, label="Latents",
@@ -69,19 +69,31 @@ def build(w: Wiring) -> Tab:
         gr.Markdown(TEXT)
         grid = gr.Image(label="Every latent's attention (small multiples)", format="jpeg",
                         interactive=False, show_label=False, elem_id="resampler-grid")
+        inspector = Inspector(ID)
         plot = gr.Plot(label="Latents", elem_id="resampler-plot")
         export_box(w, ID)
 
     inputs = [w.session, latents, depth, init, selected]
     live = [overlay, grid, single, stats]
+    full = live + [plot] + inspector.outputs
+
+    def everything(session, *values):
+        return [*render(session, *values), *inspector.view(session)]
+
+    @guarded
+    def fitted(session, latents, depth, selected, progress=gr.Progress()):  # noqa: B008
+        return [*do_fit(session, latents, depth, selected, progress), *inspector.view(session)]
+
     for slider in (latents, selected):
         w.on(slider.input, lambda *a: render(*a, with_figure=False), inputs, live, "resample_live",
              **LIVE)
-        w.on(slider.release, render, inputs, live + [plot], "resample", **LIVE)
-    w.on(depth.release, render, inputs, live + [plot], **LIVE)
-    w.on(init.input, render, inputs, live + [plot], **LIVE)
-    w.on(fit_button.click, do_fit, [w.session, latents, depth, selected], live + [plot], "fit",
-         concurrency_id="heavy", concurrency_limit=1).then(
+        w.on(slider.release, everything, inputs, full, "resample", **LIVE)
+    w.on(depth.release, everything, inputs, full, **LIVE)
+    w.on(init.input, everything, inputs, full, **LIVE)
+    overlay.select(inspector.click(), [w.session], inspector.outputs, api_visibility="private",
+                   **LIVE)
+    w.on(fit_button.click, fitted, [w.session, latents, depth, selected], full, "fit",
+         concurrency_id="fit", concurrency_limit=1).then(
         lambda: "fit", None, init, api_visibility="private")
 
     def fit(enc, latents, _depth, _init, selected):
@@ -89,12 +101,12 @@ def build(w: Wiring) -> Tab:
         return [gr.update(maximum=max(n, 2), value=min(int(latents), n)),
                 gr.update(maximum=max(n - 1, 1), value=min(int(selected), n - 1))]
 
-    def figure(session, *values):
-        return render(session, *values, with_figure=True)[-1]
+    def later(session, *values):
+        return [render(session, *values, with_figure=True)[-1], *inspector.view(session)]
 
     def quick(session, *values):
         return render(session, *values, with_figure=False)
 
     # first the overlay and the numbers, then the figure (the slowest picture)
     return Tab(ID, tab, inputs[1:], live, quick, [latents, selected], fit,
-               later=(figure, inputs[1:], [plot]))
+               later=(later, inputs[1:], [plot] + inspector.outputs))

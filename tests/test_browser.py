@@ -152,6 +152,9 @@ def test_click_sets_the_query_patch(page):
     page.get_by_role("tab", name="Attention pruning").click()
     img = page.locator("#prune-overlay img")
     img.wait_for()
+    old, stats = src(page, "prune-overlay"), text(page, "prune-stats")
+    page.locator("#prune-score label", has_text="query").click()  # with this score a click moves it
+    wait_changed(page, "prune-overlay", old, "prune-stats", stats)
     seen = []
     for fx, fy in ((0.2, 0.25), (0.8, 0.7)):
         old, stats = src(page, "prune-overlay"), text(page, "prune-stats")
@@ -165,7 +168,43 @@ def test_click_sets_the_query_patch(page):
     assert r1 < r2 and c1 < c2  # the marker followed the clicks: top-left, then bottom-right
     assert abs(r1 - round(0.25 * 24)) <= 1 and abs(c1 - round(0.2 * 24)) <= 1
     assert page.locator("#prune-score input[value='query']").is_checked()
+    # the inspector follows the clicked patch too
+    assert f"patch ({r2}, {c2})" in text(page, "prune-inspect-text")
     page.screenshot(path=str(ARTIFACTS / "prune-query.png"), full_page=True)
+
+
+def click_at(page, elem_id: str, fx: float, fy: float) -> None:
+    img = page.locator(f"#{elem_id} img")
+    box = img.bounding_box()
+    img.click(position={"x": box["width"] * fx, "y": box["height"] * fy})
+
+
+def test_clicking_the_picture_inspects_the_token_there(page):
+    page.get_by_role("tab", name="Token merging").click()
+    page.wait_for_selector("#merge-overlay img")
+    click_at(page, "merge-overlay", 0.5, 0.5)
+    page.wait_for_function("() => document.querySelector('#merge-inspect-text').innerText"
+                           ".includes('output token')")
+    report = text(page, "merge-inspect-text")
+    m = re.search(r"patch \((\d+), (\d+)\)\*?\*? is held by output token", report)
+    assert m and abs(int(m.group(1)) - 12) <= 1 and abs(int(m.group(2)) - 12) <= 1, report
+    assert "CLS attention" in report
+    page.wait_for_function("() => document.querySelector('#merge-inspect-image img')?.complete")
+    # a selection rule: a dropped patch names the kept token that stands in for it
+    page.get_by_role("tab", name="More strategies").click()
+    page.locator("#more-strategy label", has_text="DivPrune").click()
+    page.wait_for_function("() => document.querySelector('#more-stats').innerText.includes('DivPrune')")
+    seen = set()
+    for fx, fy in ((0.1, 0.1), (0.3, 0.6), (0.55, 0.45), (0.9, 0.9), (0.7, 0.2)):
+        before = text(page, "more-inspect-text")
+        click_at(page, "more-overlay", fx, fy)
+        page.wait_for_function("(old) => document.querySelector('#more-inspect-text').innerText"
+                               " !== old", arg=before)
+        now = text(page, "more-inspect-text")
+        seen.add("dropped" in now)
+        assert "output token" in now or "stands in" in now, now
+    assert True in seen  # at 64 of 576 most patches are dropped: a click finds one
+    page.screenshot(path=str(ARTIFACTS / "inspector.png"), full_page=True)
 
 
 FETCH_JS = """async (src) => {

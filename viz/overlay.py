@@ -506,6 +506,33 @@ def prune_overlay(
     return img
 
 
+def token_overlay(
+    image: Image.Image,
+    grid: tuple[int, int],
+    weights: Array,
+    patch: int,
+    display: int | None = DEFAULT_DISPLAY,
+) -> Image.Image:
+    """One output token on the image, for the inspector: its patches clear, the rest dimmed,
+    and a ring on the inspected ``patch``.
+
+    ``weights`` [N] is the token's ``assign`` row. A token drawing on most of
+    the image (a soft row, e.g. a resampler latent) is shown as a heat map of
+    its weights instead.
+    Returns an RGB image whose longest side is ``display``.
+    """
+    gh, gw = _check_grid(grid)
+    w_ = _flat(weights, gh * gw, "weights")
+    support = w_ > 0
+    if support.mean() > 0.5:
+        img = heatmap_overlay(image, grid, w_, display=display)
+        ey, ex = cell_edges(gh, img.height), cell_edges(gw, img.width)
+        cx, cy = _patch_centre(patch, gh, gw, ey, ex)
+        _draw_marker(img, cx, cy, min(img.width / gw, img.height / gh))
+        return img
+    return prune_overlay(image, grid, support, query=patch, display=display)
+
+
 @lru_cache(maxsize=4)
 def _dim_lut(dim: float) -> list[int]:
     """A per-band point() table that multiplies every channel by ``dim``."""

@@ -177,8 +177,9 @@ def resampler_panel(enc: Encoding, num_latents: int = 64, depth: int = 2, init: 
                  strategy_ms=(t1 - t0) * 1e3, draw_ms=(t2 - t1) * 1e3)
 
 
-def export_json(enc: Encoding, comp: Compression, stats: dict) -> str:
-    """The current result as JSON: setting, parameters, per-patch result and metrics."""
+def export_json(enc: Encoding, comp: Compression, stats: dict, inspected: dict | None = None) -> str:
+    """The current result as JSON: setting, parameters, per-patch result and metrics, and the
+    inspector's report for the selected patch when there is one."""
     labels = comp.labels().cpu().tolist()
     result: dict[str, Any] = {"patch_labels": labels}
     if comp.kind == "prune":
@@ -199,7 +200,23 @@ def export_json(enc: Encoding, comp: Compression, stats: dict) -> str:
         "metrics": stats,
         "result": result,
     }
+    if inspected is not None:
+        doc["inspected"] = inspected
     return json.dumps(doc, indent=1)
+
+
+def inspector_view(enc: Encoding, comp: Compression, patch: int,
+                   display: int = DEFAULT_DISPLAY // 2) -> tuple[dict, str, Any]:
+    """(report, Markdown, picture) for the inspector: why the token holding ``patch`` is what
+    it is (``compress.inspector.inspect_patch``), and that token drawn on the image."""
+    from compress.inspector import describe, inspect_patch
+
+    from .overlay import token_overlay
+
+    report = inspect_patch(enc, comp, patch)
+    picture = token_overlay(enc.image, enc.grid, comp.assign[report["token"]], report["patch"],
+                            display=display)
+    return report, describe(report, enc.num_patches), picture
 
 
 # --- every strategy at one budget ---------------------------------------------------------
