@@ -22,7 +22,9 @@ from .registry import STRATEGIES, sweep_budgets
 from .types import Compression, Encoding
 
 DROPPED = ("key", "position", "zero", "mean")
-SWEEP_BATCH = 8  # maps per head forward in the sweep (bench/bench_head.py measures the choice)
+# Maps per head forward in the sweep. On a shared 2-thread CPU batches of 8 measured from 0.7x to 1.1x
+# the per-map time of single maps (noisy; bench/bench_head.py); on a GPU a batch fills the device.
+SWEEP_BATCH = 8
 
 
 def output_vectors(enc: Encoding, comp: Compression) -> torch.Tensor:

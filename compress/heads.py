@@ -267,7 +267,9 @@ class SaliencyHead(Head):
                     f"encoding has {enc.dim}-wide tokens of {enc.patch_size} px patches")
         return ""
 
-    @torch.inference_mode()
+    # no_grad, not inference_mode: the latter measured no faster here (bench/bench_head.py), and its
+    # tensors refuse in-place edits outside inference mode, a trap for whoever draws the maps.
+    @torch.no_grad()
     def __call__(self, grid_tokens: torch.Tensor) -> torch.Tensor:
         """Saliency maps [B, 14 gh, 14 gw] in [0, 1] for token grids [B, 384, gh, gw]."""
         if grid_tokens.ndim != 4 or grid_tokens.shape[1] != WIDTHS[0]:
