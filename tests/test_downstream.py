@@ -6,9 +6,10 @@ import dataclasses
 
 import pytest
 import torch
-from conftest import make_encoding
+from conftest import ASSETS, make_encoding
+from PIL import Image
 
-from compress import Compression, merge_bipartite, merge_threshold, prumerge, resample
+from compress import STRATEGIES, Compression, merge_bipartite, merge_threshold, prumerge, resample
 from compress.downstream import (
     agreement_sweep,
     compressed_map,
@@ -182,3 +183,40 @@ def test_sweep_points_progress_cache_and_batching(coffee_enc, head):
 def test_sweep_rejects_unknown_strategies(coffee_enc, head):
     with pytest.raises(ValueError, match="strategy must be one of"):
         agreement_sweep(coffee_enc, head, [16], ["nope"])
+
+
+# --- the CLI's sweep -----------------------------------------------------------------------
+
+
+def test_cli_sweep_prints_agreement_beside_fidelity(encoder, capsys):
+    from compress.__main__ import print_sweep
+
+    enc = encoder.encode(Image.open(ASSETS / "coffee.jpg"), size=112)  # 8 x 8 grid: a quick sweep
+    print_sweep(enc, "dinov2-s14")
+    out = capsys.readouterr().out
+    assert "fidelity and task agreement (saliency CC) against the budget M" in out
+    assert out.count("sal. CC") == sum(not s.adaptive for s in STRATEGIES.values())
+    assert "top-10% IoU" in out and "not available" not in out
+
+
+def test_cli_sweep_without_a_head_says_why_in_one_line(coffee_enc, capsys):
+    from compress.__main__ import print_sweep
+
+    enc = dataclasses.replace(coffee_enc, memo={}, layer=5)  # as if read from block 5
+    print_sweep(enc, "vit_base_patch16_224")
+    print_sweep(enc, "dinov2-s14")
+    lines = [line for line in capsys.readouterr().out.splitlines() if "task agreement" in line]
+    assert lines == [
+        "task agreement: not available (no trained head for model 'vit_base_patch16_224': the saliency "
+        "decoder was trained on the bundled 'dinov2-s14' backbone only)",
+        "task agreement: not available (the head reads the last block's tokens (block 11, after the final "
+        "norm); this encoding is from block 5)",
+    ]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gpu_maps_match_cpu(coffee_enc, head):
+    gpu = dataclasses.replace(coffee_enc, tokens=coffee_enc.tokens.cuda(), memo={})
+    on_gpu = head.run(gpu, gpu.tokens)
+    assert on_gpu.device.type == "cuda"
+    assert (on_gpu.cpu() - head.run(coffee_enc, coffee_enc.tokens)).abs().max() < 1e-4
