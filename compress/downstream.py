@@ -22,8 +22,9 @@ from .registry import STRATEGIES, sweep_budgets
 from .types import Compression, Encoding
 
 DROPPED = ("key", "position", "zero", "mean")
-# Maps per head forward in the sweep. On a shared 2-thread CPU batches of 8 measured from 0.7x to 1.1x
-# the per-map time of single maps (noisy; bench/bench_head.py); on a GPU a batch fills the device.
+# Maps per head forward in the sweep. In the sweep on a shared 2-thread AVX2 CPU, batches of 8 took
+# 0.57-0.65x the head time per map of single maps (two runs of bench/bench_head.py, noisy); on a GPU a
+# batch fills the device better still. Memory stays bounded: ``SaliencyHead`` splits big batches.
 SWEEP_BATCH = 8
 
 
