@@ -90,7 +90,9 @@ def patch_tokens(enc: Encoding, comp: Compression, dropped: str = "key") -> torc
         rows, cols = torch.meshgrid(torch.arange(gh, device=vectors.device),
                                     torch.arange(gw, device=vectors.device), indexing="ij")
         pos = torch.stack([rows.flatten(), cols.flatten()], dim=1).float()  # [N, 2]
-        nearest = torch.cdist(pos[missing], assign @ pos).argmin(dim=1)
+        # exact differences, not the matrix-product shortcut: grid distances tie often
+        dist = torch.cdist(pos[missing], assign @ pos, compute_mode="donot_use_mm_for_euclid_dist")
+        nearest = dist.argmin(dim=1)
     else:
         keys = enc.k[:, enc.num_prefix:].float().mean(dim=0).to(vectors.device)  # [N, d]
         out_keys = F.normalize(assign @ keys, dim=-1)
@@ -99,7 +101,7 @@ def patch_tokens(enc: Encoding, comp: Compression, dropped: str = "key") -> torc
     return out
 
 
-def _check_head(enc: Encoding, head: Head | None) -> bool:
+def _usable(enc: Encoding, head: Head | None) -> bool:
     return head is not None and not head.supports(enc)
 
 
@@ -122,7 +124,7 @@ def task_agreement(enc: Encoding, comp: Compression, head: Head | None,
 
     For the saliency head: {"cc", "kl", "sim", "top_iou"} (``metrics.saliency_agreement``).
     """
-    if not _check_head(enc, head):
+    if not _usable(enc, head):
         return None
     return head.compare(reference_map(enc, head), compressed_map(enc, comp, head, dropped))
 
@@ -146,7 +148,7 @@ def agreement_sweep(
     called as work finishes: one unit per compression, one per map. Cached
     in ``enc.memo``.
     """
-    if not _check_head(enc, head):
+    if not _usable(enc, head):
         return None
     check_choice("dropped", dropped, DROPPED)
     batch = check_int("batch", batch, 1, 1024)
