@@ -8,12 +8,30 @@ Every strategy returns a ``Compression`` (output ``tokens`` [M, C] and
     >>> enc = Encoder().encode(image, size=336)       # 576 patch tokens
     >>> out = merge_bipartite(enc, target=64)
     >>> out.num_out, out.ratio
+    >>> task_agreement(enc, out, head_for(enc.model))  # the saliency head: CC, KL, SIM, top-10% IoU
 """
 
+from .downstream import (
+    agreement_sweep,
+    compressed_map,
+    patch_tokens,
+    reference_map,
+    task_agreement,
+)
 from .encoder import Encoder, device_label, resolve_device
+from .heads import Head, SaliencyHead, head_for, head_status
 from .images import ImageError, load_image
 from .merge import merge_bipartite, merge_threshold, pool
-from .metrics import attention_mass_kept, fidelity, summary
+from .metrics import (
+    attention_mass_kept,
+    fidelity,
+    saliency_agreement,
+    saliency_cc,
+    saliency_kl,
+    saliency_sim,
+    summary,
+    top_iou,
+)
 from .prune import (
     attention_scores,
     divprune,
@@ -33,11 +51,25 @@ __all__ = [
     "Compression",
     "Encoder",
     "Encoding",
+    "Head",
     "ImageError",
     "PerceiverResampler",
+    "SaliencyHead",
     "STRATEGIES",
     "Strategy",
     "WeightsUnavailable",
+    "agreement_sweep",
+    "compressed_map",
+    "head_for",
+    "head_status",
+    "patch_tokens",
+    "reference_map",
+    "saliency_agreement",
+    "saliency_cc",
+    "saliency_kl",
+    "saliency_sim",
+    "task_agreement",
+    "top_iou",
     "attention_mass_kept",
     "attention_scores",
     "fidelity",

@@ -18,6 +18,70 @@ from . import (
 )
 
 
+def _cells(points: list[tuple[int, float]], budgets: list[int], fmt: str = "{:>7.3f}") -> tuple[str, str]:
+    """Row cells under the budget columns, and a note when the rule could not reach every budget."""
+    row = dict(points)
+    if len(points) == len(budgets):  # M as close to each budget as the rule allows
+        row = {b: v for b, (_, v) in zip(budgets, points, strict=True)}
+    near = "" if [m for m, _ in points] == budgets else "  (nearest reachable M)"
+    return "".join(fmt.format(row[b]) if b in row else f"{'-':>7}" for b in budgets), near
+
+
+def print_sweep(enc, model: str) -> None:
+    """Fidelity and saliency agreement against the budget M, then all agreement numbers near M = 64."""
+    from .downstream import agreement_sweep
+    from .heads import head_status
+    from .registry import STRATEGIES, fidelity_sweep, sweep_budgets
+
+    budgets = sweep_budgets(enc.num_patches)
+    fid = fidelity_sweep(enc, budgets)
+    head, why = head_status(model)
+    why = why or head.supports(enc)
+    agree = None
+    if not why:
+        def progress(done: int, total: int) -> None:
+            print(f"\rtask agreement: {done}/{total}", end="\n" if done == total else "",
+                  file=sys.stderr, flush=True)
+
+        agree = agreement_sweep(enc, head, budgets, progress=progress if sys.stderr.isatty() else None)
+    print()
+    print("fidelity" + (" and task agreement (saliency CC)" if agree else "") +
+          " against the budget M (adaptive strategies: their own M)")
+    print(f"{'strategy':28}{'':10}" + "".join(f"{b:>7}" for b in budgets))
+    for name, points in fid.items():
+        label = STRATEGIES[name].label
+        cc = [(m, a["cc"]) for m, a in agree[name]] if agree else None
+        if STRATEGIES[name].adaptive:
+            m, f = points[0]
+            extra = f", saliency CC {cc[0][1]:.3f}" if cc else ""
+            print(f"{label:28}  M = {m}: fidelity {f:.3f}{extra}")
+            continue
+        cells, near = _cells(points, budgets)
+        print(f"{label:28}{'fidelity':10}{cells}{near}")
+        if cc:
+            print(f"{'':28}{'sal. CC':10}{_cells(cc, budgets)[0]}")
+    if agree is None:
+        print(f"task agreement: not available ({why})")
+        return
+    target = min(budgets, key=lambda b: abs(b - 64))
+    print()
+    print(f"task agreement at the budget nearest 64 (M = {target}; adaptive: their own M), against "
+          f"the map from all {enc.num_patches} tokens")
+    header = f"{'strategy':28}{'M':>6}{'fidelity':>10}{'CC':>8}{'KL':>8}{'SIM':>8}{'top-10% IoU':>13}"
+    print(header)
+    print("-" * len(header))
+    for name, points in agree.items():
+        i = 0 if STRATEGIES[name].adaptive or len(points) != len(budgets) else budgets.index(target)
+        if len(points) != len(budgets) and not STRATEGIES[name].adaptive:
+            i = min(range(len(points)), key=lambda j: abs(points[j][0] - target))
+        m, a = points[i]
+        print(f"{STRATEGIES[name].label:28}{m:>6}{dict(fid[name])[m]:>10.3f}{a['cc']:>8.3f}"
+              f"{a['kl']:>8.3f}{a['sim']:>8.3f}{a['top_iou']:>13.3f}")
+    print("CC: Pearson correlation of the two saliency maps; KL: divergence from the original map "
+          "(lower is better); SIM: histogram intersection; top-10% IoU: overlap of the most salient "
+          "tenth. Pruned patches take the output with the most similar key.")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m compress", description=__doc__)
     ap.add_argument("image", help="path of an image file")
@@ -26,7 +90,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layer", type=int, default=-1, help="block to read tokens from")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--sweep", action="store_true",
-                    help="also print fidelity against M for every strategy")
+                    help="also print fidelity and task agreement (the trained saliency head) "
+                         "against M for every strategy")
     args = ap.parse_args(argv)
 
     try:
@@ -61,25 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     print("fidelity: mean cosine of each patch token to the output that represents it best; "
           "attn kept: share of CLS attention on surviving patches.")
     if args.sweep:
-        from .registry import STRATEGIES, fidelity_sweep, sweep_budgets
-
-        budgets = sweep_budgets(n)
-        curves = fidelity_sweep(enc, budgets)
-        print()
-        print("fidelity against the budget M (adaptive strategies: their own M)")
-        print(f"{'strategy':28}" + "".join(f"{b:>7}" for b in budgets))
-        for name, points in curves.items():
-            label = STRATEGIES[name].label
-            if STRATEGIES[name].adaptive:
-                m, f = points[0]
-                print(f"{label:28}  M = {m}: {f:.3f}")
-                continue
-            row = dict(points)
-            if len(points) == len(budgets):  # M as close to each budget as the rule allows
-                row = {b: f for b, (_, f) in zip(budgets, points, strict=True)}
-            near = "" if [m for m, _ in points] == budgets else "  (nearest reachable M)"
-            cells = "".join(f"{row[b]:>7.3f}" if b in row else f"{'-':>7}" for b in budgets)
-            print(f"{label:28}{cells}{near}")
+        print_sweep(enc, encoder.name)
     return 0
 
 

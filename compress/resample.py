@@ -233,9 +233,11 @@ def resample(
     (mean over heads, renormalised over patches). ``extra`` holds
     ``maps`` [depth, H, M, N] (attention over patches, per layer and head),
     ``latent_mass`` [depth, H, M] (attention that went to latent keys),
-    ``trained`` (True only for ``"fit"``), ``loss`` (per step, for ``"fit"``)
-    and ``latents_init`` (the starting latents). ``progress(step, steps, loss)`` is called
-    after every optimisation step.
+    ``trained`` (True only for ``"fit"``), ``loss`` (per step, for ``"fit"``),
+    ``latents_init`` (the starting latents) and ``latent_space`` (True: the
+    output tokens live in the resampler's latent space, not the encoder's
+    token space; ``comp.represented(enc.tokens)`` is what each one gathered
+    there). ``progress(step, steps, loss)`` is called after every optimisation step.
     """
     num_latents = check_int("num_latents", num_latents, 1)
     depth = check_int("depth", depth, 1, 12)
@@ -301,6 +303,7 @@ def resample(
             "loss": losses,
             "final_loss": final_loss,
             "latents_init": latents.detach(),
+            "latent_space": True,
         },
         elapsed_ms=(time.perf_counter() - start) * 1e3,
     )

@@ -153,8 +153,12 @@ def _digest(sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def _read_cache(path: Path) -> dict[str, torch.Tensor] | None:
-    """The cached state dict, or None when the file is missing, partial or corrupt."""
+def read_cache(path: Path, fmt: str = _FORMAT) -> dict[str, torch.Tensor] | None:
+    """The state dict cached at ``path``, or None when the file is missing, partial or corrupt.
+
+    "Corrupt" covers a bad header, truncated data, a format other than ``fmt``
+    and a digest that does not match the tensors.
+    """
     from safetensors import safe_open
 
     if not path.is_file():
@@ -165,9 +169,19 @@ def _read_cache(path: Path) -> dict[str, torch.Tensor] | None:
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except Exception:  # noqa: BLE001 - any unreadable file is simply rebuilt
         return None
-    if meta.get("format") != _FORMAT or meta.get("sha256") != _digest(sd):
+    if meta.get("format") != fmt or meta.get("sha256") != _digest(sd):
         return None
     return sd
+
+
+def write_cache(path: Path, sd: dict[str, torch.Tensor], fmt: str, source: str) -> None:
+    """Save ``sd`` at ``path`` as safetensors with its format, digest and source, atomically."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    save_file(sd, str(tmp), metadata={"format": fmt, "sha256": _digest(sd), "source": source})
+    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a partial cache file
 
 
 def bundled_state_dict(rebuild: bool = False) -> tuple[dict[str, torch.Tensor], Path]:
@@ -176,17 +190,12 @@ def bundled_state_dict(rebuild: bool = False) -> tuple[dict[str, torch.Tensor], 
     A missing, partial or corrupt cache file (bad header, truncated data,
     wrong digest) is rebuilt from the ONNX file. Returns (state dict, cache path).
     """
-    from safetensors.torch import save_file
-
     path = cache_dir() / _CACHE_FILE
-    sd = None if rebuild else _read_cache(path)
+    sd = None if rebuild else read_cache(path)
     if sd is not None:
         return sd, path
     sd = convert_onnx(bundled_onnx_path())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    save_file(sd, str(tmp), metadata={"format": _FORMAT, "sha256": _digest(sd), "source": BUNDLED_SOURCE})
-    os.replace(tmp, path)  # atomic: a crash mid-write never leaves a partial cache file
+    write_cache(path, sd, _FORMAT, BUNDLED_SOURCE)
     return sd, path
 
 

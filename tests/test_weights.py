@@ -66,7 +66,7 @@ def test_damaged_cache_is_rebuilt(fresh_cache, damage):
         save_file(sd, str(path), metadata={"format": weights._FORMAT, "sha256": "0" * 64})
     rebuilt, _ = bundled_state_dict()
     assert all(torch.equal(good[k], rebuilt[k]) for k in good)
-    assert weights._read_cache(path) is not None  # the file on disk is whole again
+    assert weights.read_cache(path) is not None  # the file on disk is whole again
     assert len(path.read_bytes()) == len(data)
 
 
