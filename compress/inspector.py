@@ -19,6 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from .downstream import DEFAULT_DROPPED, nearest_outputs
 from .prune import query_index
 from .types import Compression, Encoding
 
@@ -28,31 +29,28 @@ def _rank(values: torch.Tensor, i: int) -> int:
     return int((values > values[i]).sum()) + 1
 
 
-def patch_keys(enc: Encoding) -> torch.Tensor:
-    """The layer's keys of the patches averaged over heads, [N, d] (ToMe's matching metric)."""
-    return enc.k[:, enc.num_prefix:].float().mean(dim=0)
-
-
-def stand_ins(enc: Encoding, comp: Compression) -> torch.Tensor:
+def stand_ins(enc: Encoding, comp: Compression, rule: str = DEFAULT_DROPPED) -> torch.Tensor:
     """For every patch, the output that stands for it, [N] (long).
 
     A covered patch: the output that draws most on it (``comp.labels()``). A
-    patch no output covers: the output whose key (``assign_m @ keys``) is most
-    cosine-similar to the patch's key -- what a model that sees only the kept
-    tokens has where that patch was.
+    patch no output covers: the output ``compress.downstream.nearest_outputs``
+    picks by ``rule`` -- the same rule the task agreement uses for dropped
+    patches (default: the kept token nearest on the grid, what a model that
+    sees only the kept tokens has there).
     """
     labels = comp.labels()
     dropped = labels < 0
     if bool(dropped.any()):
-        keys = patch_keys(enc)
-        out_keys = comp.assign.to(keys.dtype) @ keys
-        sims = F.normalize(keys[dropped], dim=-1) @ F.normalize(out_keys, dim=-1).T
         labels = labels.clone()
-        labels[dropped] = sims.argmax(dim=1)
+        labels[dropped] = nearest_outputs(enc, comp, dropped.nonzero().flatten(), rule)
     return labels
 
 
-def inspect_patch(enc: Encoding, comp: Compression, patch) -> dict:
+STAND_IN = {"position": "the kept token nearest on the grid",
+            "key": "the kept token nearest by key (keys averaged over heads)"}
+
+
+def inspect_patch(enc: Encoding, comp: Compression, patch, rule: str = DEFAULT_DROPPED) -> dict:
     """Why the token holding ``patch`` (an index or (row, col)) is what it is.
 
     Returns a dict: ``patch``, ``row``, ``col``, ``kept`` (some output draws
@@ -65,8 +63,8 @@ def inspect_patch(enc: Encoding, comp: Compression, patch) -> dict:
     patch: up to 5 [output, weight] pairs drawing on it, heaviest first),
     ``role`` (when the
     strategy names one), ``parts`` ({name: {"value", "rank"}} at this patch,
-    rank 1 = highest of N) and, for a dropped patch, ``stands_in`` ("nearest
-    kept token by key").
+    rank 1 = highest of N) and, for a dropped patch, ``stands_in`` (how the
+    standing-in token was chosen: ``rule``, as the task agreement chooses it).
     """
     n = enc.num_patches
     i = query_index(enc, patch)
@@ -74,7 +72,7 @@ def inspect_patch(enc: Encoding, comp: Compression, patch) -> dict:
     assign = comp.assign
     column = assign[:, i]
     kept = bool((column > 0).any())
-    m = int(column.argmax()) if kept else int(stand_ins(enc, comp)[i])
+    m = int(column.argmax()) if kept else int(nearest_outputs(enc, comp, torch.tensor([i]), rule)[0])
     row = assign[m]
     members = (row > 0).nonzero().flatten()
     rep = comp.represented(enc.tokens.float())[m]
@@ -100,7 +98,7 @@ def inspect_patch(enc: Encoding, comp: Compression, patch) -> dict:
         held = held[column[held].argsort(descending=True)][:5]
         out["held_by"] = [[int(t), round(float(column[t]), 6)] for t in held]
     else:
-        out["stands_in"] = "nearest kept token by key (keys averaged over heads)"
+        out["stands_in"] = STAND_IN[rule]
     roles = comp.extra.get("role")
     if roles is not None and len(roles) == n:
         out["role"] = str(roles[i])

@@ -43,16 +43,22 @@ def test_a_merged_patch_names_its_cluster_and_the_edge_that_merged_it():
     assert r["held_by"] == [[r["token"], 0.5]]
 
 
-def test_a_dropped_patch_gets_the_kept_token_nearest_by_key():
+def test_a_dropped_patch_gets_the_kept_token_nearest_on_the_grid_or_by_key():
     enc = enc4()
     out = prune_attention(enc, 0.5)  # keeps 1 (0.4) and 3 (0.3): both near 90 degrees
     assert out.kept_indices().tolist() == [1, 3]
-    r = inspect_patch(enc, out, 2)  # 10 degrees: nearer 90 (80 deg) than 100 (90 deg) by key
-    assert not r["kept"] and r["role"] == "dropped"
-    assert r["token"] == 0 and r["token_patches"] == [1]  # output 0 is patch 1
-    assert r["similarity"] == pytest.approx(math.cos(math.radians(80)), abs=1e-4)
+    # patch 2 at (1, 0): kept patch 3 at (1, 1) is 1 away, patch 1 at (0, 1) is sqrt 2 away
+    r = inspect_patch(enc, out, 2)
+    assert not r["kept"] and r["role"] == "dropped" and "nearest on the grid" in r["stands_in"]
+    assert r["token"] == 1 and r["token_patches"] == [3]  # output 1 is patch 3
+    assert r["similarity"] == pytest.approx(math.cos(math.radians(90)), abs=1e-4)  # 10 vs 100 deg
+    # by key: 10 degrees is nearer 90 (80 deg apart) than 100 (90 deg apart): output 0, patch 1
+    by_key = inspect_patch(enc, out, 2, rule="key")
+    assert by_key["token"] == 0 and by_key["token_patches"] == [1] and "by key" in by_key["stands_in"]
+    assert by_key["similarity"] == pytest.approx(math.cos(math.radians(80)), abs=1e-4)
     assert r["parts"]["CLS attention"] == {"value": pytest.approx(0.2), "rank": 3}
-    assert stand_ins(enc, out).tolist() == [0, 0, 0, 1]
+    assert stand_ins(enc, out).tolist() == [0, 0, 1, 1]
+    assert stand_ins(enc, out, "key").tolist() == [0, 0, 0, 1]
     kept = inspect_patch(enc, out, 3)
     assert kept["kept"] and kept["role"] == "kept (top-k)" and kept["token"] == 1
 
