@@ -364,3 +364,33 @@ def features_panel(enc: Encoding, display: int = 448) -> dict:
             + (" - high-norm artefact tokens that attract CLS attention in DINOv2 without registers."
                if outliers else "."))
     return {"images": images, "text": text}
+
+
+# --- the model downstream -------------------------------------------------------------------
+
+def downstream_view(enc: Encoding, comp: Compression, display: int = DEFAULT_DISPLAY // 2) -> dict:
+    """What the trained head downstream makes of ``comp``, for a tab.
+
+    Returns {"agreement": {"cc", "kl", "sim", "top_iou"} or None, "picture":
+    the original-vs-compressed saliency pair or None, "reason": why there is
+    no head here ("" when there is), "about": what the head is, "ms": time}.
+    """
+    from compress.downstream import compressed_map, reference_map
+    from compress.heads import head_status
+
+    from .saliency import saliency_pair
+
+    t0 = time.perf_counter()
+    head, reason = head_status(enc.model)
+    if head is not None:
+        reason = head.supports(enc)
+    about = head.about if head is not None else ""
+    if head is None or reason:
+        return {"agreement": None, "picture": None, "reason": reason, "about": about, "ms": 0.0}
+    ref = reference_map(enc, head)
+    comp_map = compressed_map(enc, comp, head)
+    agreement = head.compare(ref, comp_map)
+    picture = saliency_pair(enc.image, ref, comp_map, caption=f"CC {agreement['cc']:.3f}",
+                            display=display)
+    return {"agreement": agreement, "picture": picture, "reason": "", "about": about,
+            "ms": (time.perf_counter() - t0) * 1e3}
