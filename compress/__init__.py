@@ -10,6 +10,7 @@ Every strategy returns a ``Compression`` (output ``tokens`` [M, C] and
     >>> out.num_out, out.ratio
 """
 
+from .cluster import dpc_knn
 from .encoder import Encoder, device_label, resolve_device
 from .images import ImageError, load_image
 from .merge import merge_bipartite, merge_threshold, pool
@@ -25,6 +26,7 @@ from .prune import (
 )
 from .registry import STRATEGIES, Strategy, run_at_budget
 from .resample import PerceiverResampler, kmeans, resample
+from .select import cdpruner, dart, vispruner
 from .types import Compression, Encoding
 from .weights import BUNDLED_NAME, WeightsUnavailable
 
@@ -40,6 +42,9 @@ __all__ = [
     "WeightsUnavailable",
     "attention_mass_kept",
     "attention_scores",
+    "cdpruner",
+    "dart",
+    "dpc_knn",
     "fidelity",
     "load_image",
     "kmeans",
@@ -56,5 +61,6 @@ __all__ = [
     "random_keep",
     "resolve_device",
     "run_at_budget",
+    "vispruner",
     "visionzip",
 ]

@@ -12,9 +12,11 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_int
+from .cluster import dpc_knn
 from .merge import merge_bipartite, merge_threshold, neighbour_similarity, pool
 from .prune import divprune, prumerge, prumerge_plus, prune_attention, random_keep, visionzip
 from .resample import resample
+from .select import cdpruner, dart, vispruner
 from .types import Compression, Encoding
 
 
@@ -130,6 +132,23 @@ STRATEGIES: dict[str, Strategy] = {
         Strategy("random_keep", "Random keep",
                  "a seeded uniform random subset: the floor every method must beat",
                  random_keep, lambda enc, m: random_keep(enc, m, seed=0)),
+        Strategy("vispruner", "VisPruner",
+                 "Zhang et al., Beyond Text-Visual Attention: Exploiting Visual Cues for Effective "
+                 "Token Pruning in VLMs, ICCV 2025 (arXiv:2412.01818)",
+                 vispruner, lambda enc, m: vispruner(enc, m, score=_score_for(enc))),
+        Strategy("cdpruner", "CDPruner",
+                 "Zhang et al., Beyond Attention or Similarity: Maximizing Conditional Diversity for "
+                 "Token Pruning in MLLMs, NeurIPS 2025 (arXiv:2506.10967); relevance to a clicked "
+                 "patch, none at a budget",
+                 cdpruner, lambda enc, m: cdpruner(enc, m)),
+        Strategy("dart", "DART-style",
+                 "after Wen et al., Stop Looking for Important Tokens in Multimodal Language Models: "
+                 "Duplication Matters More, EMNLP 2025 (arXiv:2502.11494), run on the vision tokens",
+                 dart, lambda enc, m: dart(enc, m)),
+        Strategy("dpc_knn", "DPC-kNN merging",
+                 "density peaks with kNN density (Du et al., 2016) as in TCFormer, Zeng et al., Not "
+                 "All Tokens Are Equal, CVPR 2022 (arXiv:2204.08680)",
+                 dpc_knn, lambda enc, m: dpc_knn(enc, m)),
     ]
 }
 
