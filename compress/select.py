@@ -30,27 +30,38 @@ from .types import Compression, Encoding
 VISPRUNER_IMPORTANT_RATIO = 0.5  # the authors' default (--important_ratio in their eval scripts)
 VISPRUNER_PER_ROUND = 8  # at most this many duplicates are dropped per round (their constant)
 _EXACT_BLOCK = 1 << 16  # |A| * |B| up to which a round compares A with B directly
-_NEIGHBOURS = 16  # most-similar partners kept per token for the larger rounds
-_FIRST_PARTNERS = 4  # partners looked at first (most A tokens find a B partner among them)
+_LIST_BLOCKS = (4, 8, 8)  # most-similar partners kept per token, looked at block by block
+_REBUILD = 0.5  # cut the matrix down to the survivors when they fall below this share
+
+
+def _partner_lists(sub: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every row's largest entries of ``sub``, descending, cut into ``_LIST_BLOCKS`` column blocks."""
+    sims, idx = torch.from_numpy(sub).topk(sum(_LIST_BLOCKS), dim=1)
+    idx, sims = idx.numpy().astype(np.int32), sims.numpy()
+    edges = np.cumsum((0,) + _LIST_BLOCKS)
+    return [(np.ascontiguousarray(idx[:, lo:hi]), np.ascontiguousarray(sims[:, lo:hi]))
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
 
 
 def _best_partner(sub: np.ndarray, a: np.ndarray, b: np.ndarray, in_b: np.ndarray,
-                  partners: np.ndarray, sims: np.ndarray) -> np.ndarray:
+                  lists: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
     """max over j in ``b`` of sub[i, j] for each i in ``a``, from the most-similar lists.
 
-    ``partners``/``sims`` [R, K] hold every row's K largest entries of
-    ``sub``, descending. The first listed partner that is in B is the most
-    similar B token; A tokens with no listed partner in B (stale lists, as
-    duplicates get dropped) are compared with all of B directly.
+    ``lists`` holds every row's largest entries of ``sub`` in descending
+    order, cut into column blocks (partners [R, w], similarities [R, w]).
+    The first listed partner that is in B is the most similar B token; A
+    tokens with no listed partner in B (stale lists, as duplicates get
+    dropped) are compared with all of B directly.
     """
     score = np.empty(a.size, dtype=sub.dtype)
     pending = np.arange(a.size)
-    for lo, hi in ((0, _FIRST_PARTNERS), (_FIRST_PARTNERS, partners.shape[1])):
+    for partners, sims in lists:
         rows = a[pending]
-        hit = in_b[partners[rows, lo:hi]]
-        found = hit.any(axis=1)
-        first = lo + hit.argmax(axis=1)[found]
-        score[pending[found]] = sims[rows[found], first]
+        hit = np.take(in_b, np.take(partners, rows, axis=0))  # [rows, w] bool, w = 4 or 8
+        width = partners.shape[1]
+        found = hit.view(f"u{width}")[:, 0] != 0  # any() along a row: one word per row
+        first = hit.argmax(axis=1)[found]
+        score[pending[found]] = np.take(sims, rows[found] * width + first)
         pending = pending[~found]
         if pending.size == 0:
             return score
@@ -78,36 +89,35 @@ def _drop_duplicates(gram: torch.Tensor, residual: torch.Tensor, keep: int, per_
     CPU, where a call costs far less than a torch op or a GPU launch.
     """
     n = gram.shape[0]
-    sub = gram.cpu().numpy()  # similarities among the tokens in `rows_of`
+    sub = gram.cpu().numpy()  # similarities among the survivors of the last cut
     row_of = np.arange(n)  # token -> its row in `sub`
     built = n
     res = residual.cpu().numpy()
     last = np.full(n, np.nan, dtype=sub.dtype)
     dropped = np.full(n, -1, dtype=np.int64)
-    partners = sims = None
+    lists = None
     rnd = 0
     while True:
         size = res.size
         r = min(per_round, size - keep)
         if r <= 0:
             break
-        if 2 * size < built:  # keep only the survivors' rows and columns
+        if size < _REBUILD * built:  # keep only the survivors' rows and columns
             rows = row_of[res]
             sub = np.take(sub[rows], rows, axis=1)
             row_of[res] = np.arange(size)
-            built, partners = size, None
+            built, lists = size, None
         a, b = res[0::2], res[1::2]
         r = min(r, a.size)
         ra, rb = row_of[a], row_of[b]
-        if a.size * b.size <= _EXACT_BLOCK:
+        if a.size * b.size <= _EXACT_BLOCK or built < sum(_LIST_BLOCKS):
             score = np.take(sub[ra], rb, axis=1).max(axis=1)
         else:
-            if partners is None:
-                sims_t, idx_t = torch.from_numpy(sub).topk(min(_NEIGHBOURS, built), dim=1)
-                partners, sims = idx_t.numpy(), sims_t.numpy()
+            if lists is None:
+                lists = _partner_lists(sub)
                 in_b = np.zeros(built, dtype=bool)
             in_b[rb] = True
-            score = _best_partner(sub, ra, rb, in_b, partners, sims)
+            score = _best_partner(sub, ra, rb, in_b, lists)
             in_b[rb] = False
         order = np.argsort(-score, kind="stable")
         last[a] = score
