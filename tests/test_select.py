@@ -112,7 +112,7 @@ def reference_vispruner(attn: torch.Tensor, tokens: torch.Tensor, target: int, r
         if r <= 0:
             break
         a, b = residual[0::2], residual[1::2]
-        scores = [max(float(gram[i, j]) for j in b) for i in a]
+        scores = gram[a][:, b].amax(dim=1).tolist()  # their (a @ b^T).max(-1)
         order = sorted(range(len(a)), key=lambda t: -scores[t])  # stable: ties keep A order
         residual = [a[t] for t in order[r:]] + b
     return sorted(important + residual)
