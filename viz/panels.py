@@ -209,7 +209,8 @@ COMPARE_CELL = 240
 SHORT = {"merge_threshold": "Threshold merge", "merge_bipartite": "ToMe",
          "prune_attention": "CLS prune", "resample": "Resampler", "prumerge": "PruMerge",
          "prumerge_plus": "PruMerge+", "visionzip": "VisionZip", "divprune": "DivPrune",
-         "pool": "Pooling", "random_keep": "Random keep"}
+         "pool": "Pooling", "random_keep": "Random keep", "vispruner": "VisPruner",
+         "cdpruner": "CDPruner", "dart": "DART-style", "dpc_knn": "DPC-kNN"}
 
 
 def strategy_panel(enc: Encoding, name: str, budget: int, display: int = DEFAULT_DISPLAY,
