@@ -158,10 +158,13 @@ def vispruner(
     CLIP's penultimate block (LLaVA's ``mm_vision_select_layer = -2``); we
     read the encoding's own layer (by default the last block, whose tokens
     are DINOv2's final-norm tokens). Ties are broken by grid order (their
-    ``argsort`` is not stable). When a round would drop more than A holds
-    (few patches left) we drop all of A; their batched indexing cannot
-    express an odd-length list, ours can. ``score="received"`` (ours) ranks
-    by mean attention received, for models without a CLS token.
+    ``argsort`` is not stable). Their code gathers the kept A patches with
+    an index expanded to R // 2 - r columns, which fails when the list
+    length R is odd (A then has R // 2 + 1 patches, e.g. when N - T_imp is
+    odd); we take A as the even positions whatever R is, and when a round
+    would drop more than A holds (few patches left) we drop all of A.
+    ``score="received"`` (ours) ranks by mean attention received, for
+    models without a CLS token.
 
     Returns a ``Compression`` [target, C], one-hot rows, kept tokens in grid
     order. ``extra``: ``parts`` {``importance``: the ranked attention [N],
@@ -247,16 +250,19 @@ def cdpruner(enc: Encoding, target: int, query=None) -> Compression:
     min-max scaled, (r - min + 1e-6) / (max - min); no stopping rule. Where
     we differ:
 
-    - Relevance. The authors relate each patch to the instruction: r_i is
-      the mean over text tokens of the *negated* CLIP cosine between the
-      patch's CLIP image embedding and the text embedding (``(-relevance)``
-      in their code; they say in their issues #9 and #14 that they observed
-      this inversion with CLIP in LLaVA; the paper's section 3.3 defines the
-      relevance from the plain similarity). We have no text tower, so
-      ``query`` is a patch: an index or (row, col) as in
-      ``prune.query_index``, and q_i is the min-max scaled *plain* cosine of
-      patch i to it (``relevance_to``), so patches like the clicked one are
-      favoured. We also add the 1e-6 to the denominator so q stays <= 1 and
+    - Relevance. The authors relate each patch to the instruction: in their
+      code r_i is the mean over text tokens of the *negated* CLIP cosine
+      between the patch's CLIP image embedding and the text embedding
+      (``(-relevance)``), where the paper (section 3.3, which their reply in
+      issue #5 points to; only its abstract is in our index) speaks of the
+      patches relevant to the instruction; asked about the sign in issue
+      #14, they answer that they observed this with CLIP in LLaVA only (and
+      point to issue #9). An exponential reweighting with a trade-off theta
+      is commented out in their code, so their kernel uses r as is, as we
+      do. We have no text tower, so ``query`` is a patch: an index or
+      (row, col) as in ``prune.query_index``, and q_i is the min-max scaled
+      *plain* cosine of patch i to it (``relevance_to``), so patches like
+      the clicked one are favoured. We also add the 1e-6 to the denominator so q stays <= 1 and
       a constant similarity gives q = 1 rather than a division by zero.
       ``query=None`` sets q = 1: pure diversity, the DPP on S alone.
     - The diagonal. S_ii = 1 exactly (their code reads it from the computed
