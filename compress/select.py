@@ -271,7 +271,9 @@ def cdpruner(enc: Encoding, target: int, query=None) -> Compression:
     - Rank. S has rank at most C (384 for ViT-S, fewer than 576 patches):
       once every remaining d_j^2 is below 1e-10 (the stopping threshold of
       Chen et al.'s reference code) the DPP has no new direction to add, and
-      their code would divide by zero. We stop the DPP there and fill the
+      their code would go on dividing by the root of a rounding-noise d_j^2
+      (NaN where it is negative; with their 4096-wide projected tokens and
+      576 patches it does not arise). We stop the DPP there and fill the
       rest of the budget by descending relevance, then grid order, so the
       count is exactly ``target``. The update runs in float64 so that this
       threshold separates a spent kernel from a real, small gain.
