@@ -78,8 +78,8 @@ def main() -> None:
             compare_panel(enc, 64)  # the fidelity sweep, once per image
             budgets = iter([30, 90] * 50)
             med, p90 = timed(lambda e=enc, b=budgets: compare_panel(e, next(b)), 7, sync)
-            rows.append(("N = 576: Compare view refresh (10 strategies, grid, curve)", med, p90,
-                         1000))
+            rows.append((f"N = 576: Compare view refresh ({len(STRATEGIES)} strategies, grid, curve)",
+                         med, p90, 1000))
 
     print(f"{header(dev)}; repeats {args.repeat}")
     print()

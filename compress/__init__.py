@@ -11,6 +11,7 @@ Every strategy returns a ``Compression`` (output ``tokens`` [M, C] and
     >>> task_agreement(enc, out, head_for(enc.model))  # the saliency head: CC, KL, SIM, top-10% IoU
 """
 
+from .cluster import dpc_knn
 from .downstream import (
     agreement_sweep,
     compressed_map,
@@ -43,6 +44,7 @@ from .prune import (
 )
 from .registry import STRATEGIES, Strategy, run_at_budget
 from .resample import PerceiverResampler, kmeans, resample
+from .select import cdpruner, dart, vispruner
 from .types import Compression, Encoding
 from .weights import BUNDLED_NAME, WeightsUnavailable
 
@@ -72,6 +74,9 @@ __all__ = [
     "top_iou",
     "attention_mass_kept",
     "attention_scores",
+    "cdpruner",
+    "dart",
+    "dpc_knn",
     "fidelity",
     "load_image",
     "kmeans",
@@ -88,5 +93,6 @@ __all__ = [
     "random_keep",
     "resolve_device",
     "run_at_budget",
+    "vispruner",
     "visionzip",
 ]

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from ._checks import check_int, check_real
+from .cluster import DPC_K, dpc_knn
 from .merge import merge_bipartite, merge_threshold, neighbour_similarity, pool
 from .prune import (
     VISIONZIP_DOMINANT_RATIO,
@@ -23,6 +24,7 @@ from .prune import (
     visionzip,
 )
 from .resample import resample
+from .select import DART_PIVOTS, VISPRUNER_IMPORTANT_RATIO, cdpruner, dart, vispruner
 from .types import Compression, Encoding
 
 
@@ -61,6 +63,7 @@ class Strategy:
     at_budget: Callable[..., Compression]
     adaptive: bool = False
     knobs: tuple[Knob, ...] = ()
+    uses_query: bool = False  # at_budget takes query= (a patch index): relevance to a clicked patch
 
     def defaults(self) -> dict[str, float]:
         """Every knob at its default value."""
@@ -167,6 +170,31 @@ STRATEGIES: dict[str, Strategy] = {
                  "a seeded uniform random subset: the floor every method must beat",
                  random_keep, lambda enc, m, seed=0: random_keep(enc, m, seed=int(seed)),
                  knobs=(Knob("seed", "Random keep: seed", 0, 0, 2**31 - 1, 1, integer=True),)),
+        Strategy("vispruner", "VisPruner", "VisPruner",
+                 "Zhang et al., Beyond Text-Visual Attention: Exploiting Visual Cues for Effective "
+                 "Token Pruning in VLMs, ICCV 2025 (arXiv:2412.01818)",
+                 vispruner, lambda enc, m, important_ratio=VISPRUNER_IMPORTANT_RATIO: vispruner(
+                     enc, m, important_ratio=important_ratio, score=_score_for(enc)),
+                 knobs=(Knob("important_ratio", "VisPruner: important share of M",
+                             VISPRUNER_IMPORTANT_RATIO, 0.0, 1.0),)),
+        Strategy("cdpruner", "CDPruner", "CDPruner",
+                 "Zhang et al., Beyond Attention or Similarity: Maximizing Conditional Diversity for "
+                 "Token Pruning in MLLMs, NeurIPS 2025 (arXiv:2506.10967); relevance to the query "
+                 "patch (click the picture), none at a budget",
+                 cdpruner, lambda enc, m, query=None: cdpruner(enc, m, query=query),
+                 uses_query=True),
+        Strategy("dart", "DART-style", "DART-style",
+                 "after Wen et al., Stop Looking for Important Tokens in Multimodal Language Models: "
+                 "Duplication Matters More, EMNLP 2025 (arXiv:2502.11494), run on the vision tokens",
+                 dart, lambda enc, m, pivots=DART_PIVOTS: dart(enc, m, pivots=int(pivots)),
+                 knobs=(Knob("pivots", "DART-style: pivot tokens", DART_PIVOTS, 1, 32, 1,
+                             integer=True),)),
+        Strategy("dpc_knn", "DPC-kNN merging", "DPC-kNN",
+                 "density peaks with kNN density (Du et al., 2016) as in TCFormer, Zeng et al., Not "
+                 "All Tokens Are Equal, CVPR 2022 (arXiv:2204.08680)",
+                 dpc_knn, lambda enc, m, k=DPC_K: dpc_knn(enc, m, k=int(k)),
+                 knobs=(Knob("k", "DPC-kNN: neighbours for the density", DPC_K, 1, 32, 1,
+                             integer=True),)),
     ]
 }
 
@@ -178,6 +206,7 @@ def run_at_budget(name: str, enc: Encoding, budget: int, **settings) -> Compress
     strategy = STRATEGIES[name]
     budget = check_int("budget", budget, 1, enc.num_patches)
     known = {k.name: k for k in strategy.knobs}
+    query = settings.pop("query", None)
     for key, value in settings.items():
         if key not in known:
             raise ValueError(f"{strategy.label} has no setting {key!r}"
@@ -186,6 +215,8 @@ def run_at_budget(name: str, enc: Encoding, budget: int, **settings) -> Compress
         check = check_int if knob.integer else check_real
         settings[key] = check(key, value, int(knob.lo) if knob.integer else knob.lo,
                               int(knob.hi) if knob.integer else knob.hi)
+    if strategy.uses_query:
+        settings["query"] = query
     return strategy.at_budget(enc, budget, **settings)
 
 

@@ -1,0 +1,121 @@
+"""Clustering merges: DPC-kNN, density peaks with k nearest neighbours.
+
+``dpc_knn`` picks cluster centres where the tokens are dense and far from
+anything denser, and merges every other patch into its nearest centre: hard
+``assign`` rows, each output the plain mean of its members.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+
+from ._checks import check_int
+from .merge import _hard_assign
+from .prune import _roles, cosine_gram
+from .types import Compression, Encoding
+
+DPC_K = 5  # TCFormer's default (CTM(k=5)); HoliTom's cluster_dpc_knn defaults to 7
+_PARENT_LIST = 16  # nearest neighbours searched for a denser one before a full row is scanned
+
+
+def dpc_knn(enc: Encoding, target: int, k: int = DPC_K) -> Compression:
+    """DPC-kNN merging: ``target`` density-peak centres, every patch merged into its nearest.
+
+    Density peaks clustering (Rodriguez & Laio, Science 2014) with the kNN
+    density of Du et al. (Knowledge-Based Systems 2016), as TCFormer runs it
+    (Zeng et al., CVPR 2022, arXiv:2204.08680; checked against
+    ``cluster_dpc_knn`` and ``merge_tokens`` in
+    ``tcformer_module/tcformer_utils.py`` of zengwang430521/TCFormer, and the
+    copy in ``holitom/llava_arch.py`` of cokeshao/HoliTom):
+
+    - distances d_ij = ||x_i - x_j|| / sqrt(C) between patch tokens;
+    - density rho_i = exp(-mean of d_ij^2 over the k nearest tokens), the
+      token itself included (``topk`` over the whole row, d_ii = 0);
+    - distance indicator delta_i = the distance to the nearest denser token;
+      for the densest token, the largest distance in the whole matrix;
+    - centres: the ``target`` tokens with the highest rho * delta;
+    - every token joins its nearest centre (a centre joins itself).
+
+    Defaults: k = 5, TCFormer's (``CTM(k=5)``); HoliTom uses 7. Where we
+    differ: TCFormer breaks density ties with uniform noise of size 1e-6; we
+    break them by grid order (the earlier patch counts as denser), and
+    centre ties by grid order too, so the result is deterministic.
+    TCFormer's merge averages with weights exp(score) from a learned layer
+    (``CTM.score``); we have no learned score, so each cluster is the plain
+    mean of its members, as ``merge_tokens`` with ``token_weight=None``
+    (and as HoliTom's ``NO_BETA`` variant, centre and members averaged).
+    Our tokens are the encoding's (DINOv2 final-norm tokens at the last
+    block), not a CNN stage's features.
+
+    Returns a ``Compression`` [target, C], hard rows (1/|cluster| on each
+    member), clusters ordered by their centre's grid position. ``extra``:
+    ``parts`` {``density`` rho [N], ``distance`` delta [N], ``score`` rho *
+    delta [N], ``centre_distance``: d to the centre each patch joined [N]};
+    ``centres`` (patch indices, grid order); ``labels`` [N] (cluster of
+    each patch); ``parent`` [N] (the nearest denser patch, -1 for the densest).
+    """
+    n = enc.num_patches
+    target = check_int("target", target, 1, n)
+    k = check_int("k", k, 1, n)
+    start = time.perf_counter()
+    x = enc.tokens.float()
+    device = x.device
+    sq = (x * x).sum(dim=1)
+    # h_ij = d_ij^2 * C - |x_i|^2: the row constant changes no ranking within a row.
+    h = cosine_gram(x).mul_(-2.0).add_(sq[None, :])
+    h.diagonal().copy_(-sq)  # d_ii = 0 exactly
+    scale = 1.0 / x.shape[1]
+
+    def dist2(rows: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:  # d^2, from h
+        return ((vals + sq[rows, None]) * scale).clamp(min=0.0)
+
+    near_h, near = h.topk(min(max(k, _PARENT_LIST), n), dim=1, largest=False)  # ascending
+    all_rows = torch.arange(n, device=device)
+    near_d2 = dist2(all_rows, near_h)
+    density = torch.exp(-near_d2[:, :k].mean(dim=1))
+
+    # Denser = higher density, or equal density and an earlier patch.
+    rank = torch.empty(n, dtype=torch.long, device=device)
+    rank[torch.sort(density, descending=True, stable=True).indices] = all_rows
+    denser = rank[near] < rank[:, None]  # [N, L] over the nearest, ascending distance
+    found = denser.any(dim=1)
+    first = denser.to(torch.uint8).argmax(dim=1, keepdim=True)
+    parent = near.gather(1, first).squeeze(1)
+    delta2 = near_d2.gather(1, first).squeeze(1)
+    lonely = (~found).nonzero().flatten()  # no denser token among the nearest: scan the row
+    if lonely.numel():
+        rows = h.index_select(0, lonely)
+        rows = rows.masked_fill(rank[None, :] >= rank[lonely, None], math.inf)
+        best_h, best = rows.min(dim=1)
+        parent[lonely] = best
+        delta2[lonely] = dist2(lonely, best_h[:, None]).squeeze(1)
+    top = rank.argmin()
+    parent[top] = -1
+    delta2[top] = dist2(all_rows, h.amax(dim=1, keepdim=True)).amax()
+    distance = delta2.sqrt()
+    score = distance * density
+
+    centres = torch.sort(score, descending=True, stable=True).indices[:target].sort().values
+    to_centre = h.index_select(1, centres)  # [N, M]
+    labels = to_centre.argmin(dim=1)
+    labels[centres] = torch.arange(target, device=device)
+    centre_d2 = dist2(all_rows, to_centre.gather(1, labels[:, None])).squeeze(1)
+    assign = _hard_assign(labels, target)
+    counts = torch.bincount(labels, minlength=target).float()
+    sums = torch.zeros(target, enc.dim, device=device).index_add_(0, labels, x)
+    return Compression(
+        tokens=(sums / counts[:, None]).to(enc.tokens.dtype),
+        assign=assign,
+        strategy="dpc_knn",
+        params={"target": target, "k": k},
+        extra={"centres": centres, "labels": labels, "parent": parent,
+               "parts": {"density": density, "distance": distance, "score": score,
+                         "centre_distance": centre_d2.sqrt()},
+               "role": _roles(n, {"centre (a density peak)": centres},
+                              "merged into its nearest centre")},
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+        form="merge",
+    )

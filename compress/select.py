@@ -1,0 +1,439 @@
+"""Importance and diversity selection rules (2025): VisPruner, CDPruner, DART-style.
+
+- ``vispruner``: the most CLS-attended patches, then diverse ones by rounds of
+  dropping the most duplicated (Zhang et al., ICCV 2025).
+- ``cdpruner``: the greedy MAP subset of a DPP whose kernel is the token
+  similarity scaled by a relevance (Zhang et al., NeurIPS 2025).
+- ``dart``: a few pivot patches, then the patches least similar to them
+  (after Wen et al., EMNLP 2025; run on the vision tokens, hence "DART-style").
+
+All three keep patches: one-hot ``assign`` rows, kept tokens in grid order,
+exactly ``target`` of them. ``extra["parts"]`` holds, per patch [N], the
+quantities the rule read to decide that patch (for the token inspector).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ._checks import check_choice, check_int, check_real
+from .prune import attention_scores, cosine_gram, query_index
+from .types import Compression, Encoding
+
+# --- VisPruner (Zhang et al., ICCV 2025) ---------------------------------------------------
+
+VISPRUNER_IMPORTANT_RATIO = 0.5  # the authors' default (--important_ratio in their eval scripts)
+VISPRUNER_PER_ROUND = 8  # at most this many duplicates are dropped per round (their constant)
+_EXACT_BLOCK = 1 << 16  # |A| * |B| up to which a round compares A with B directly
+_LIST_BLOCKS = (4, 8, 8)  # most-similar partners kept per token, looked at block by block
+_REBUILD = 0.5  # cut the matrix down to the survivors when they fall below this share
+
+
+def _partner_lists(sub: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Every row's largest entries of ``sub``, descending, cut into ``_LIST_BLOCKS`` column blocks."""
+    sims, idx = torch.from_numpy(sub).topk(sum(_LIST_BLOCKS), dim=1)
+    idx, sims = idx.numpy().astype(np.int32), sims.numpy()
+    edges = np.cumsum((0,) + _LIST_BLOCKS)
+    return [(np.ascontiguousarray(idx[:, lo:hi]), np.ascontiguousarray(sims[:, lo:hi]))
+            for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+
+
+def _best_partner(sub: np.ndarray, a: np.ndarray, b: np.ndarray, in_b: np.ndarray,
+                  lists: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+    """max over j in ``b`` of sub[i, j] for each i in ``a``, from the most-similar lists.
+
+    ``lists`` holds every row's largest entries of ``sub`` in descending
+    order, cut into column blocks (partners [R, w], similarities [R, w]).
+    The first listed partner that is in B is the most similar B token; A
+    tokens with no listed partner in B (stale lists, as duplicates get
+    dropped) are compared with all of B directly.
+    """
+    score = np.empty(a.size, dtype=sub.dtype)
+    pending = np.arange(a.size)
+    for partners, sims in lists:
+        rows = a[pending]
+        hit = np.take(in_b, np.take(partners, rows, axis=0))  # [rows, w] bool, w = 4 or 8
+        width = partners.shape[1]
+        found = hit.view(f"u{width}")[:, 0] != 0  # any() along a row: one word per row
+        first = hit.argmax(axis=1)[found]
+        score[pending[found]] = np.take(sims, rows[found] * width + first)
+        pending = pending[~found]
+        if pending.size == 0:
+            return score
+    score[pending] = np.take(sub[a[pending]], b, axis=1).max(axis=1)
+    return score
+
+
+def _drop_duplicates(gram: torch.Tensor, residual: torch.Tensor, keep: int, per_round: int):
+    """VisPruner's diversity rounds on ``residual`` (token indices in rank order) down to ``keep``.
+
+    Each round splits the current list into A (even positions) and B (odd
+    positions), scores each A token by its highest cosine to any B token, and
+    drops the ``min(per_round, len - keep)`` highest-scoring A tokens; the
+    list for the next round is the surviving A tokens by descending score,
+    then B. ``gram`` is the cosine matrix with -inf on pairs never compared.
+    Returns (the ``keep`` survivors in list order, each token's last A-side
+    score [N] (NaN if never on side A), the round in which each token was
+    dropped [N] (-1 if not)).
+
+    The scores are exact either way: small rounds compare A with B
+    directly, large ones read each token's most-similar list
+    (``_best_partner``). Whenever the list halves, the similarity matrix is
+    cut down to the survivors (so lookups stay in cache) and the lists are
+    rebuilt on it. About (N - keep) / 8 small dependent rounds: numpy on the
+    CPU, where a call costs far less than a torch op or a GPU launch.
+    """
+    n = gram.shape[0]
+    sub = gram.cpu().numpy()  # similarities among the survivors of the last cut
+    row_of = np.arange(n)  # token -> its row in `sub`
+    built = n
+    res = residual.cpu().numpy()
+    last = np.full(n, np.nan, dtype=sub.dtype)
+    dropped = np.full(n, -1, dtype=np.int64)
+    lists = None
+    rnd = 0
+    while True:
+        size = res.size
+        r = min(per_round, size - keep)
+        if r <= 0:
+            break
+        if size < _REBUILD * built:  # keep only the survivors' rows and columns
+            rows = row_of[res]
+            sub = np.take(sub[rows], rows, axis=1)
+            row_of[res] = np.arange(size)
+            built, lists = size, None
+        a, b = res[0::2], res[1::2]
+        r = min(r, a.size)
+        ra, rb = row_of[a], row_of[b]
+        if a.size * b.size <= _EXACT_BLOCK or built < sum(_LIST_BLOCKS):
+            score = np.take(sub[ra], rb, axis=1).max(axis=1)
+        else:
+            if lists is None:
+                lists = _partner_lists(sub)
+                in_b = np.zeros(built, dtype=bool)
+            in_b[rb] = True
+            score = _best_partner(sub, ra, rb, in_b, lists)
+            in_b[rb] = False
+        order = np.argsort(-score, kind="stable")
+        last[a] = score
+        dropped[a[order[:r]]] = rnd
+        res = np.concatenate([a[order[r:]], b])
+        rnd += 1
+    device = gram.device
+    return (torch.from_numpy(res).to(device), torch.from_numpy(last).to(device),
+            torch.from_numpy(dropped).to(device))
+
+
+def vispruner(
+    enc: Encoding,
+    target: int,
+    important_ratio: float = VISPRUNER_IMPORTANT_RATIO,
+    score: str = "cls",
+    per_round: int = VISPRUNER_PER_ROUND,
+) -> Compression:
+    """VisPruner (Zhang et al., ICCV 2025, arXiv:2412.01818): important, then diverse patches.
+
+    Checked against the authors' code, ``LlavaMetaForCausalLM.encode_images``
+    in ``llava/model/llava_arch.py`` of Theia-4869/VisPruner (the CLS row of
+    the vision tower's attention is taken in ``feature_select`` of
+    ``clip_encoder.py``, read in anonymous-4869/VisPruner, the same code's
+    first release). The rule:
+
+    1. T_imp = int(``target`` * ``important_ratio``) **important** patches:
+       the highest CLS attention, mean over heads. Default ratio 0.5, the
+       argparse default of their eval scripts (their README also runs 0.75).
+    2. The other patches, in descending attention order, lose duplicates in
+       rounds until T_div = ``target`` - T_imp remain: split the list into A
+       (even positions) and B (odd positions); score each A patch by its
+       highest cosine similarity to a B patch; drop the min(8, len - T_div)
+       highest-scoring A patches; the next list is the surviving A patches by
+       descending score, then B. The survivors are the **diverse** patches.
+
+    Where we differ: the authors read the CLS attention and the tokens of
+    CLIP's penultimate block (LLaVA's ``mm_vision_select_layer = -2``); we
+    read the encoding's own layer (by default the last block, whose tokens
+    are DINOv2's final-norm tokens). Ties are broken by grid order (their
+    ``argsort`` is not stable). Their code gathers the kept A patches with
+    an index expanded to R // 2 - r columns, which fails when the list
+    length R is odd (A then has R // 2 + 1 patches, e.g. when N - T_imp is
+    odd); we take A as the even positions whatever R is, and when a round
+    would drop more than A holds (few patches left) we drop all of A.
+    ``score="received"`` (ours) ranks by mean attention received, for
+    models without a CLS token.
+
+    Returns a ``Compression`` [target, C], one-hot rows, kept tokens in grid
+    order. ``extra``: ``parts`` {``importance``: the ranked attention [N],
+    ``duplication``: each patch's last A-side score, its highest cosine to
+    B in the last round it was scored (NaN if never on side A)}; ``role``
+    [N] (0 dropped, 1 important, 2 diverse); ``dropped_round`` [N] (-1 if
+    not dropped by a round); ``important``, ``diverse`` (patch indices).
+    """
+    n = enc.num_patches
+    target = check_int("target", target, 1, n)
+    important_ratio = check_real("important_ratio", important_ratio, 0.0, 1.0)
+    check_choice("score", score, ("cls", "received"))
+    per_round = check_int("per_round", per_round, 1)
+    if score == "cls" and enc.cls_attn is None:
+        raise ValueError(f"model {enc.model!r} has no CLS token; use score='received' for VisPruner")
+    start = time.perf_counter()
+    importance = attention_scores(enc, score)
+    device = importance.device
+    num_imp = int(target * important_ratio)
+    num_div = target - num_imp
+    ranked = torch.sort(importance, descending=True, stable=True).indices
+    important, residual = ranked[:num_imp], ranked[num_imp:]
+    duplication = torch.full((n,), math.nan, device=device)
+    dropped_round = torch.full((n,), -1, dtype=torch.long, device=device)
+    if num_div == 0:
+        diverse = residual[:0]
+    elif residual.numel() == num_div:
+        diverse = residual
+    else:
+        gram = cosine_gram(F.normalize(enc.tokens.float(), dim=-1))
+        # Pairs never compared: a patch with itself and anything with an important patch.
+        gram.fill_diagonal_(-math.inf)
+        gram[:, important] = -math.inf
+        diverse, duplication, dropped_round = _drop_duplicates(gram, residual, num_div, per_round)
+    role = torch.zeros(n, dtype=torch.long, device=device)
+    role[important] = 1
+    role[diverse] = 2
+    kept = (role > 0).nonzero().flatten()
+    return Compression(
+        tokens=enc.tokens[kept],
+        assign=F.one_hot(kept, n).float(),
+        strategy="vispruner",
+        params={"target": target, "important_ratio": important_ratio, "score": score,
+                "per_round": per_round},
+        extra={"kept": kept, "parts": {"importance": importance, "duplication": duplication},
+               "role_code": role, "dropped_round": dropped_round,
+               "role": [("dropped", "important (top attention)", "diverse (survived the duplicate "
+                         "rounds)")[r] for r in role.tolist()],
+               "important": important.sort().values, "diverse": diverse.sort().values},
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+    )
+
+
+# --- CDPruner (Zhang et al., NeurIPS 2025) -------------------------------------------------
+
+_DPP_EXHAUSTED = 1e-10  # conditional variance below which no new direction is left (Chen et al.)
+
+
+def _cdp_roles(n: int, order: list[int], picks: int) -> list[str]:
+    roles = ["dropped"] * n
+    for j, i in enumerate(order):
+        roles[i] = (f"pick #{j + 1} (the largest conditional gain then)" if j < picks
+                    else "filled by relevance (the kernel had no new direction left)")
+    return roles
+
+
+def relevance_to(enc: Encoding, query) -> torch.Tensor:
+    """Relevance [N] in (0, 1] of every patch to the query patch: min-max scaled cosine.
+
+    q_i = (s_i - min s + 1e-6) / (max s - min s + 1e-6) with s_i the cosine
+    of patch i's token to the query patch's token, so the query itself (and
+    any exact copy) gets 1 and the least similar patch about 1e-6 / range.
+    """
+    unit = F.normalize(enc.tokens.float(), dim=-1)
+    sims = unit @ unit[query_index(enc, query)]
+    lo, hi = sims.min(), sims.max()
+    return (sims - lo + 1e-6) / (hi - lo + 1e-6)
+
+
+def cdpruner(enc: Encoding, target: int, query=None) -> Compression:
+    """CDPruner (Zhang et al., NeurIPS 2025, arXiv:2506.10967): a conditional DPP's greedy MAP.
+
+    Kernel L = diag(q) S diag(q) with S_ij the cosine similarity of patch
+    tokens i and j and q a relevance in (0, 1]; the kept set is the greedy
+    MAP of the DPP: each step adds the patch with the largest conditional
+    variance d_j^2 = det(L_{S+j}) / det(L_S) (the log-det gain is log d_j^2),
+    by the incremental Cholesky update of fast greedy MAP inference (Chen et
+    al., NeurIPS 2018), O(N * step) per step.
+
+    Checked against the authors' code, ``LlavaMetaForCausalLM.encode_images``
+    in ``llava/model/llava_arch.py`` of Theia-4869/CDPruner: the same kernel
+    and update, S the cosine of the projected visual tokens, relevance
+    min-max scaled, (r - min + 1e-6) / (max - min); no stopping rule. Where
+    we differ:
+
+    - Relevance. The authors relate each patch to the instruction: in their
+      code r_i is the mean over text tokens of the *negated* CLIP cosine
+      between the patch's CLIP image embedding and the text embedding
+      (``(-relevance)``), where the paper (section 3.3, which their reply in
+      issue #5 points to; only its abstract is in our index) speaks of the
+      patches relevant to the instruction; asked about the sign in issue
+      #14, they answer that they observed this with CLIP in LLaVA only (and
+      point to issue #9). An exponential reweighting with a trade-off theta
+      is commented out in their code, so their kernel uses r as is, as we
+      do. We have no text tower, so ``query`` is a patch: an index or
+      (row, col) as in ``prune.query_index``, and q_i is the min-max scaled
+      *plain* cosine of patch i to it (``relevance_to``), so patches like
+      the clicked one are favoured. We also add the 1e-6 to the denominator so q stays <= 1 and
+      a constant similarity gives q = 1 rather than a division by zero.
+      ``query=None`` sets q = 1: pure diversity, the DPP on S alone.
+    - The diagonal. S_ii = 1 exactly (their code reads it from the computed
+      Gram, with rounding noise), so with q = 1 the first pick is patch 0 and
+      ties always go to the earlier patch.
+    - Rank. S has rank at most C (384 for ViT-S, fewer than 576 patches):
+      once every remaining d_j^2 is below 1e-10 (the stopping threshold of
+      Chen et al.'s reference code) the DPP has no new direction to add, and
+      their code would go on dividing by the root of a rounding-noise d_j^2
+      (NaN where it is negative; with their 4096-wide projected tokens and
+      576 patches it does not arise). We stop the DPP there and fill the
+      rest of the budget by descending relevance, then grid order, so the
+      count is exactly ``target``. The update runs in float64 so that this
+      threshold separates a spent kernel from a real, small gain.
+
+    Returns a ``Compression`` [target, C], one-hot rows, kept tokens in grid
+    order. ``extra``: ``parts`` {``relevance``: q [N], ``marginal_gain``: d_j^2
+    at the step patch j was picked (NaN if never picked; ~0 for the fill)};
+    ``order``: the pick order [target]; ``dpp_picks``: how many came from the
+    DPP before the fill; ``query``: the query patch index or None.
+    """
+    n = enc.num_patches
+    target = check_int("target", target, 1, n)
+    qi = None if query is None else query_index(enc, query)
+    start = time.perf_counter()
+    device = enc.tokens.device
+    relevance = torch.ones(n, device=device) if qi is None else relevance_to(enc, qi)
+    # float64 everywhere but MPS, which has none: run the small greedy loop on the CPU there.
+    work = torch.device("cpu") if device.type == "mps" else device
+    rel = relevance.to(work, torch.float64)
+    x = F.normalize(enc.tokens.to(work, torch.float64), dim=-1) * rel[:, None]  # L = x x^T
+    d2 = rel * rel  # L_jj = q_j^2 (S_jj = 1)
+    chol = torch.zeros(target, n, dtype=torch.float64, device=work)
+    order = torch.empty(target, dtype=torch.long, device=work)
+    gain = torch.full((n,), math.nan, dtype=torch.float64, device=work)
+    picks = 0
+    while picks < target:
+        j = int(d2.argmax())
+        dj = float(d2[j])
+        if dj <= _DPP_EXHAUSTED:
+            break
+        order[picks] = j
+        gain[j] = dj
+        e = (x @ x[j] - chol[:picks].T @ chol[:picks, j]) / math.sqrt(dj)
+        chol[picks] = e
+        d2 -= e * e
+        d2[j] = -math.inf
+        picks += 1
+    if picks < target:  # the kernel is spent: fill by relevance, then grid order
+        rest = torch.isfinite(d2).nonzero().flatten()
+        rest = rest[torch.sort(rel[rest], descending=True, stable=True).indices][: target - picks]
+        order[picks:] = rest
+        gain[rest] = d2[rest].clamp(min=0.0)
+    order = order.to(device)
+    kept = order.sort().values
+    return Compression(
+        tokens=enc.tokens[kept],
+        assign=F.one_hot(kept, n).float(),
+        strategy="cdpruner",
+        params={"target": target, "query": qi},
+        extra={"kept": kept, "order": order, "dpp_picks": picks, "query": qi,
+               "parts": {"relevance": relevance, "marginal_gain": gain.to(device, torch.float32)},
+               "role": _cdp_roles(n, order.tolist(), picks)},
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+    )
+
+
+# --- DART-style (after Wen et al., EMNLP 2025) ----------------------------------------------
+
+DART_PIVOTS = 4  # the authors' image pivots (--pivot_image_token 4; plus 4 text pivots there)
+DART_PIVOT_BY = ("key_norm", "cls")
+
+
+def key_norms(enc: Encoding) -> torch.Tensor:
+    """L1 norm of each patch's key, heads concatenated, [N] (DART's pivot score)."""
+    keys = enc.k[:, enc.num_prefix:].float()  # [H, N, d]
+    return keys.abs().sum(dim=(0, 2))
+
+
+def _dart_roles(owner: torch.Tensor, pivots: torch.Tensor) -> list[str]:
+    roles = ["dropped" if o < 0 else f"kept: among the least similar to pivot #{o + 1}"
+             for o in owner.tolist()]
+    for j, p in enumerate(pivots.tolist()):
+        roles[p] = f"pivot #{j + 1}"
+    return roles
+
+
+def dart(enc: Encoding, target: int, pivots: int = DART_PIVOTS, pivot_by: str = "key_norm") -> Compression:
+    """DART-style selection (after Wen et al., EMNLP 2025, arXiv:2502.11494): pivots, then the
+    patches least similar to them.
+
+    DART itself prunes inside the language model (at its layer 2, on the
+    image tokens of the LLM's sequence); ours runs on the vision tokens of
+    the encoding, so it is labelled "DART-style". The rule:
+
+    1. P = min(``pivots``, ``target``) **pivots**: the patches with the
+       largest key norm (``pivot_by="key_norm"``: L1 norm of the layer's key,
+       heads concatenated, as the authors' code) or CLS attention (``"cls"``,
+       mean over heads; needs a CLS token).
+    2. The rest of the budget, ``target`` - P, is split over the pivots as
+       evenly as possible (the first pivots take the remainder); pivot by
+       pivot, in descending pivot score, each takes its share of the
+       not-yet-kept patches **least** cosine-similar to it (ties: grid order).
+
+    The authors' code was read in two copies, because ZichenWen1/DART is in
+    our index with its README only: ``get_retained_image_token`` in
+    ``llava/model/language_model/modeling_llama_self.py`` of
+    xqy1111111/DART (a fork with the same README) and in
+    ``llmc/compression/token_reduction/dart.py`` of ModelTC/llmc. There the
+    pivots are the 4 image tokens and 4 text tokens with the largest L1 key
+    norm (``--pivot_image_token 4 --pivot_text_token 4``); each of the 8
+    takes ``max_num_trunction // 8`` image tokens (128 // 8 = 16) by
+    ``topk`` of the negated cosine of the LLM's final-norm hidden states;
+    the image pivots are kept as well. Where we differ: no text tokens, so
+    all pivots are image pivots and they share the whole budget, which is
+    met exactly; we read the encoding's layer keys and its tokens (DINOv2
+    final-norm tokens at the last block) instead of an LLM layer's; the
+    pivots take their shares in descending score order (the code iterates a
+    Python set).
+
+    Returns a ``Compression`` [target, C], one-hot rows, kept tokens in grid
+    order. ``extra``: ``parts`` {``pivot_similarity``: each patch's highest
+    cosine to a pivot [N], and the pivot score, ``key_norm`` or
+    ``cls_attention`` [N]}; ``pivots`` (patch indices, descending score);
+    ``owner`` [N] (the pivot, by position in ``pivots``, that kept each
+    patch; pivots own themselves; -1 dropped).
+    """
+    n = enc.num_patches
+    target = check_int("target", target, 1, n)
+    pivots = check_int("pivots", pivots, 1, n)
+    check_choice("pivot_by", pivot_by, DART_PIVOT_BY)
+    if pivot_by == "cls" and enc.cls_attn is None:
+        raise ValueError(f"model {enc.model!r} has no CLS token; use pivot_by='key_norm' for DART")
+    start = time.perf_counter()
+    if pivot_by == "key_norm":
+        pivot_score, part = key_norms(enc), "key_norm"
+    else:
+        pivot_score, part = attention_scores(enc, "cls"), "cls_attention"
+    device = pivot_score.device
+    p = min(pivots, target)
+    piv = torch.sort(pivot_score, descending=True, stable=True).indices[:p]
+    unit = F.normalize(enc.tokens.float(), dim=-1)
+    sims = unit[piv] @ unit.T  # [P, N]
+    owner = torch.full((n,), -1, dtype=torch.long, device=device)
+    owner[piv] = torch.arange(p, device=device)
+    rest = target - p
+    for i in range(p):
+        share = rest // p + (1 if i < rest % p else 0)
+        if share == 0:
+            continue
+        free = torch.where(owner < 0, sims[i], math.inf)
+        pick = torch.sort(free, stable=True).indices[:share]
+        owner[pick] = i
+    kept = (owner >= 0).nonzero().flatten()
+    return Compression(
+        tokens=enc.tokens[kept],
+        assign=F.one_hot(kept, n).float(),
+        strategy="dart",
+        params={"target": target, "pivots": pivots, "pivot_by": pivot_by},
+        extra={"kept": kept, "pivots": piv, "owner": owner,
+               "parts": {"pivot_similarity": sims.amax(dim=0), part: pivot_score},
+               "role": _dart_roles(owner, piv)},
+        elapsed_ms=(time.perf_counter() - start) * 1e3,
+    )
