@@ -51,6 +51,7 @@ class Session:
         self.drawn: dict[str, int] = {}
         self.last_image: str | None = None  # the last upload that encoded, shown again after a refusal
         self.inspected: dict[str, int] = {}  # tab id -> the patch its inspector shows
+        self.last_args: dict[str, tuple] = {}  # tab id -> its controls' values at the last draw
         self.lock = threading.Lock()
 
     def __deepcopy__(self, memo):

@@ -11,7 +11,18 @@ import gradio as gr
 from compress import STRATEGIES
 from viz.panels import strategy_panel
 
-from .common import LIVE, OVERLAY_H, Inspector, Tab, Wiring, export_box, guarded, need, stats_md
+from .common import (
+    LIVE,
+    OVERLAY_H,
+    Inspector,
+    Tab,
+    Wiring,
+    export_box,
+    guarded,
+    need,
+    patch_at,
+    stats_md,
+)
 
 ID = "more"
 SEED_FOUR = ("merge_threshold", "merge_bipartite", "prune_attention", "resample")
@@ -23,7 +34,9 @@ TEXT = """**What am I looking at?** The methods people compare against, at a tok
 The picture follows the form of each result: clusters for merging (pooling, VisionZip's contextual
 groups), outlined kept patches for selection (DivPrune, random keep), and for PruMerge each patch
 coloured by the kept token that absorbed it. PruMerge picks its own M from the image (CLS-attention
-outliers), so the budget slider does not move it."""
+outliers), so the budget slider does not move it. CDPruner weighs diversity by relevance to a query
+patch: click the picture to choose it (the same query as in the pruning tab); for the other
+strategies a click inspects the token there."""
 
 
 def settings_for(name: str, knob_values) -> dict:
@@ -39,10 +52,17 @@ def render(session, name: str, budget: int, *knob_values):
     if name not in NAMES:
         raise gr.Error(f"unknown strategy {name!r}; choose one of: {', '.join(NAMES)}")
     strategy = STRATEGIES[name]
-    p = strategy_panel(enc, name, min(int(budget), enc.num_patches),
-                       **settings_for(name, knob_values))
+    session.last_args[ID] = (name, budget, *knob_values)  # what a click on the picture redraws
+    settings = settings_for(name, knob_values)
+    if strategy.uses_query:
+        settings["query"] = session.query
+    p = strategy_panel(enc, name, min(int(budget), enc.num_patches), **settings)
     session.panels[ID] = p
     extra = f" · {strategy.source}"
+    if strategy.uses_query:
+        q = p.comp.params.get("query")
+        extra += (" · relevance to no patch: click the picture to pick one" if q is None else
+                  f" · relevance to patch (row {q // enc.grid[1]}, col {q % enc.grid[1]})")
     if strategy.adaptive:
         extra += " · M chosen by the rule (budget ignored)"
     return [p.overlay, stats_md(p, extra)]
@@ -92,8 +112,19 @@ def build(w: Wiring) -> Tab:
             w.on(ctl.release, everything, inputs, full, **LIVE)
         else:
             w.on(ctl.submit, everything, inputs, full, **LIVE)
-    overlay.select(inspector.click(), [w.session], inspector.outputs, api_visibility="private",
-                   **LIVE)
+    @guarded
+    def click(session, evt: gr.SelectData):
+        """A click inspects the patch; for a strategy with a query (CDPruner) it also moves it."""
+        patch = patch_at(session, ID, evt)
+        session.inspected[ID] = patch
+        shown = session.panels.get(ID)
+        name = shown.comp.strategy if shown is not None else ""
+        if not (name in STRATEGIES and STRATEGIES[name].uses_query):
+            return [gr.skip(), gr.skip(), *inspector.view(session)]
+        session.query = patch
+        return everything(session, *session.last_args[ID])
+
+    overlay.select(click, [w.session], full, api_visibility="private", **LIVE)
 
     def show_knobs(name):
         return [gr.update(visible=owner == name) for owner, _ in KNOBS]

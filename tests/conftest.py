@@ -54,3 +54,11 @@ def app_url(tmp_path_factory):
     proc = start_app(port, tmp_path_factory.mktemp("app") / "server.log")
     yield f"http://{HOST}:{port}/"
     stop_app(proc)
+
+
+def more_args(strategy: str = "divprune", budget: int = 64) -> list:
+    """The "More strategies" tab's inputs in the app's order: strategy, budget, then every
+    strategy's knobs at their defaults (``tabs.more.KNOBS``), so API calls follow the registry."""
+    from tabs.more import KNOBS
+
+    return [strategy, budget, *(k.default for _, k in KNOBS)]

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from conftest import more_args
 from PIL import Image
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
@@ -27,7 +28,7 @@ DISPLAY = 672  # longest side of every overlay the UI shows
 MERGE = ("threshold", 0.9, 144, "mean")  # method, threshold, target, fill
 PRUNE = ("cls", "mean", 0.25, False)  # score, head, keep ratio, heatmap
 RES = (64, 2, "kmeans", 0)  # latents, depth, init, selected latent
-MORE = ("divprune", 64, 54 / 64, 0)
+MORE = tuple(more_args("divprune", 64))
 STATS = re.compile(r"^### (\d+) → (\d+) tokens")
 STATUS_GRID = re.compile(r"(\d+) tokens \((\d+) x (\d+) patches")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
