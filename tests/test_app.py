@@ -18,9 +18,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import more_args
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
-from conftest import more_args
 from PIL import Image
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
