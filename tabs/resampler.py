@@ -6,7 +6,7 @@ import gradio as gr
 
 from viz.panels import has_fit, resampler_panel, resampler_title
 
-from .common import LIVE, OVERLAY_H, Inspector, Tab, Wiring, export_box, guarded, need, stats_md
+from .common import LIVE, OVERLAY_H, Details, Tab, Wiring, export_box, guarded, need, stats_md
 
 ID = "resampler"
 INITS = [("k-means", "kmeans"), ("random", "random"), ("fit", "fit")]
@@ -48,6 +48,7 @@ def do_fit(session, latents, depth, selected, progress=gr.Progress()):  # noqa: 
 
 
 def build(w: Wiring) -> Tab:
+    details = Details(ID)
     with gr.Tab("Perceiver Resampler", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
@@ -62,6 +63,7 @@ def build(w: Wiring) -> Tab:
                 fit_button = gr.Button("Fit on this image (a few seconds)", size="sm",
                                        elem_id="resampler-fit")
                 stats = gr.Markdown(elem_id="resampler-stats")
+                details.numbers()
                 selected = gr.Slider(0, 575, value=0, step=1, label="Latent to show large",
                                      elem_id="resampler-selected")
                 single = gr.Image(label="Selected latent's attention", format="jpeg",
@@ -69,20 +71,20 @@ def build(w: Wiring) -> Tab:
         gr.Markdown(TEXT)
         grid = gr.Image(label="Every latent's attention (small multiples)", format="jpeg",
                         interactive=False, show_label=False, elem_id="resampler-grid")
-        inspector = Inspector(ID)
+        details.pictures()
         plot = gr.Plot(label="Latents", elem_id="resampler-plot")
         export_box(w, ID)
 
     inputs = [w.session, latents, depth, init, selected]
     live = [overlay, grid, single, stats]
-    full = live + [plot] + inspector.outputs
+    full = live + [plot] + details.outputs
 
     def everything(session, *values):
-        return [*render(session, *values), *inspector.view(session)]
+        return [*render(session, *values), *details.view(session)]
 
     @guarded
     def fitted(session, latents, depth, selected, progress=gr.Progress()):  # noqa: B008
-        return [*do_fit(session, latents, depth, selected, progress), *inspector.view(session)]
+        return [*do_fit(session, latents, depth, selected, progress), *details.view(session)]
 
     for slider in (latents, selected):
         w.on(slider.input, lambda *a: render(*a, with_figure=False), inputs, live, "resample_live",
@@ -90,8 +92,8 @@ def build(w: Wiring) -> Tab:
         w.on(slider.release, everything, inputs, full, "resample", **LIVE)
     w.on(depth.release, everything, inputs, full, **LIVE)
     w.on(init.input, everything, inputs, full, **LIVE)
-    overlay.select(inspector.click(), [w.session], inspector.outputs, api_visibility="private",
-                   **LIVE)
+    overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
+                   api_visibility="private", **LIVE)
     w.on(fit_button.click, fitted, [w.session, latents, depth, selected], full, "fit",
          concurrency_id="fit", concurrency_limit=1).then(
         lambda: "fit", None, init, api_visibility="private")
@@ -102,11 +104,11 @@ def build(w: Wiring) -> Tab:
                 gr.update(maximum=max(n - 1, 1), value=min(int(selected), n - 1))]
 
     def later(session, *values):
-        return [render(session, *values, with_figure=True)[-1], *inspector.view(session)]
+        return [render(session, *values, with_figure=True)[-1], *details.view(session)]
 
     def quick(session, *values):
         return render(session, *values, with_figure=False)
 
     # first the overlay and the numbers, then the figure (the slowest picture)
     return Tab(ID, tab, inputs[1:], live, quick, [latents, selected], fit,
-               later=(later, inputs[1:], [plot] + inspector.outputs))
+               later=(later, inputs[1:], [plot] + details.outputs))
