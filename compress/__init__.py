@@ -12,6 +12,15 @@ Every strategy returns a ``Compression`` (output ``tokens`` [M, C] and
 
 from .encoder import Encoder, device_label, resolve_device
 from .images import ImageError, load_image
+from .inside import (
+    InsideResult,
+    keep_for_budget,
+    output_agreement,
+    plain_forward,
+    prune_forward,
+    r_for_budget,
+    tome_forward,
+)
 from .merge import merge_bipartite, merge_threshold, pool
 from .metrics import attention_mass_kept, fidelity, summary
 from .prune import (
@@ -34,6 +43,7 @@ __all__ = [
     "Encoder",
     "Encoding",
     "ImageError",
+    "InsideResult",
     "PerceiverResampler",
     "STRATEGIES",
     "Strategy",
@@ -42,6 +52,7 @@ __all__ = [
     "attention_scores",
     "fidelity",
     "load_image",
+    "keep_for_budget",
     "kmeans",
     "resample",
     "summary",
@@ -49,12 +60,17 @@ __all__ = [
     "divprune",
     "merge_bipartite",
     "merge_threshold",
+    "output_agreement",
+    "plain_forward",
     "pool",
     "prumerge",
     "prumerge_plus",
     "prune_attention",
+    "prune_forward",
+    "r_for_budget",
     "random_keep",
     "resolve_device",
     "run_at_budget",
+    "tome_forward",
     "visionzip",
 ]
