@@ -130,40 +130,48 @@ def attention(attn, x: torch.Tensor, log_size: torch.Tensor | None = None):
 
 def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int,
                     num_prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """One ToMe merge of the mergeable tokens ``x`` [T, C] with sizes [T] on ``metric`` [T, D].
+    """One ToMe merge of the sequence ``x`` [P + T, C] (prefix first); ``size``, ``metric``: [T], [T, D].
 
     ToMe splits the whole sequence alternately (A: even positions, B: odd)
     with the prefix first, and keeps the CLS out by giving its scores -inf.
-    We leave the ``num_prefix`` prefix tokens out of the matching instead but
-    keep ToMe's parity: mergeable token j sits at position ``num_prefix + j``,
-    so it is in A when that is even. With one prefix token (CLS) or none this
-    is exactly ToMe's split; registers are protected the same way. The ``r``
-    A tokens with the most cosine-similar edges (``bipartite_match``) fold
-    into their B token by a size-weighted average. Output order, as ToMe's:
-    the unmerged A tokens (sorted by position when there is a prefix, as ToMe
-    does for a CLS model; else in order of decreasing similarity), then B.
+    We leave the ``num_prefix`` = P prefix tokens out of the matching instead
+    but keep ToMe's parity: mergeable token j sits at position P + j, so it
+    is in A when that is even. With one prefix token (CLS) or none this is
+    exactly ToMe's split; registers are protected the same way. The ``r`` A
+    tokens with the most cosine-similar edges (``bipartite_match``) fold into
+    their B token by a size-weighted average (computed as B plus the weighted
+    differences, so tokens that merge with nothing are copied exactly).
+    Output order, as ToMe's: the prefix, the unmerged A tokens (sorted by
+    position when there is a prefix, as ToMe does for a CLS model; else in
+    order of decreasing similarity), then B.
 
-    Returns (x [T - r, C], size [T - r], match): ``match`` = (src, unm, dst)
-    in A/B positions, for ``merge_where``. ``r`` is capped at T // 2 (ToMe).
+    Returns (x [P + T - r, C], size [T - r], match): ``match`` = (src, unm,
+    dst) in A/B positions, for ``merge_where``. ``r`` is capped at T // 2 (ToMe).
     """
-    t = x.shape[0]
+    p = num_prefix
+    t = x.shape[0] - p
     r = min(r, t // 2)
-    a0 = num_prefix % 2
-    empty = torch.zeros(0, dtype=torch.long, device=x.device)
+    a0 = p % 2
     if r <= 0:
+        empty = torch.zeros(0, dtype=torch.long, device=x.device)
         return x, size, (empty, torch.arange(len(range(a0, t, 2)), device=x.device), empty)
     unit = F.normalize(metric.float(), dim=-1)
     src, unm, dst = bipartite_match(unit[a0::2], unit[1 - a0::2], r)
-    if num_prefix > 0:
+    if p > 0:
         unm = unm.sort().values
-    weighted = x.float() * size[:, None]  # size-weighted sums merge by addition
-    wa, wb = weighted[a0::2], weighted[1 - a0::2]
+    xa, xb = x[p + a0::2], x[p + 1 - a0::2]
     sa, sb = size[a0::2], size[1 - a0::2]
-    wb = wb.index_add(0, dst, wa[src])
-    sb = sb.index_add(0, dst, sa[src])
-    new_size = torch.cat([sa[unm], sb])
-    new_x = (torch.cat([wa[unm], wb]) / new_size[:, None]).to(x.dtype)
-    return new_x, new_size, (src, unm, dst)
+    s_src = sa.index_select(0, src)
+    sb = sb.index_add(0, dst, s_src)
+    coef = (s_src / sb.index_select(0, dst)).to(x.dtype)  # s_a / (s_b + sum of the s_a merged into b)
+    delta = (xa.index_select(0, src) - xb.index_select(0, dst)) * coef[:, None]
+    keep = unm.shape[0]
+    new_x = torch.empty(p + keep + xb.shape[0], x.shape[1], dtype=x.dtype, device=x.device)
+    new_x[:p] = x[:p]  # one pass over the tokens: every part is written into place
+    torch.index_select(xa, 0, unm, out=new_x[p:p + keep])
+    new_x[p + keep:] = xb
+    new_x[p + keep:].index_add_(0, dst, delta)
+    return new_x, torch.cat([sa.index_select(0, unm), sb]), (src, unm, dst)
 
 
 def merge_where(t: int, num_prefix: int, match: tuple) -> torch.Tensor:
@@ -409,13 +417,17 @@ def tome_forward(encoder, image, size: int = 336, r=8, keep_aspect: bool = False
     """Run ``encoder`` on ``image`` with ToMe in every block (Bolya et al., ICLR 2023).
 
     In each block, after attention and before the MLP: the matching metric
-    is the block's keys (after any k-norm) averaged over heads; A/B split,
-    matching and size-weighted merge as ``bipartite_merge``; the prefix is
-    never merged; ``r`` is capped at half the mergeable tokens of the block.
-    Attention uses proportional attention: log(size) is added to the logits
-    for every key (prefix tokens have size 1). ``r``: an int (the same in
-    every block), ToMe's (r, inflection) schedule, or a per-block list.
-    Each r must be at most N // 2 (N patches): more is refused.
+    is the block's keys (after any k-norm) averaged over heads (summed: the
+    same cosines, one division less); A/B split, matching and size-weighted
+    merge as ``bipartite_merge``; the prefix is never merged; ``r`` is capped
+    at half the mergeable tokens of the block. Attention is proportional:
+    log(size) is added to the logits for every key (prefix tokens have size
+    1). ``r``: an int (the same in every block), ToMe's (r, inflection)
+    schedule, or a per-block list (``parse_r``). Each r must be at most
+    N // 2 (N patches), the first block's cap: more is refused. (The cap
+    itself means ToMe never runs out of tokens: T - min(r, T // 2) >= 1.)
+    ``profile``: on a GPU, synchronise around each merge so ``merge_ms`` is
+    measured (slows the forward a little).
     """
     depth = len(encoder.net.blocks)
     schedule = parse_r(r, depth)
@@ -432,11 +444,11 @@ def tome_forward(encoder, image, size: int = 336, r=8, keep_aspect: bool = False
         t = x.shape[1] - p
         if min(schedule[i], t // 2) <= 0:
             return x
-        metric = k[0, :, p:].mean(dim=0)
-        merged, state.size, match = bipartite_merge(x[0, p:], state.size, metric, schedule[i], p)
+        metric = k[0, :, p:].sum(dim=0)  # the mean over heads times H: the same cosines, one op less
+        merged, state.size, match = bipartite_merge(x[0], state.size, metric, schedule[i], p)
         state.merged = True
         state.moves[i] = lambda tracks: tracks.move(merge_where(t, p, match))
-        return torch.cat([x[:, :p], merged[None]], dim=1)
+        return merged[None]
 
     params = {"r": r, "schedule": schedule, "size": size, "keep_aspect": keep_aspect}
     return _run(encoder, image, size, keep_aspect, step, True, "tome_inside", params, profile, validate)

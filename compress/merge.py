@@ -127,10 +127,12 @@ def bipartite_match(
     unmerged A positions, in order of decreasing edge similarity,
     ``dst`` [r]: the B position each ``src`` token merges into).
     """
-    node_max, node_idx = (unit_a @ unit_b.T).max(dim=-1)
-    order = torch.sort(node_max, descending=True, stable=True).indices
+    scores = unit_a @ unit_b.T
+    # amax, then argmax over the r merged rows only: the same as max(dim=-1) (first maximum on
+    # ties), and much cheaper on a CPU than the indices of every row.
+    order = torch.sort(scores.amax(dim=-1), descending=True, stable=True).indices
     src, unm = order[:r], order[r:]
-    return src, unm, node_idx[src]
+    return src, unm, scores.index_select(0, src).argmax(dim=-1)
 
 
 def bipartite_round(

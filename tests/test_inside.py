@@ -93,11 +93,12 @@ def test_bipartite_merge_hand_case_with_a_cls_token():
     metric = torch.tensor([[1, 0], [1, 0.1], [0, 1], [0.2, 1], [-1, 0], [-1, 0.5]])
     # Best edges, cosines by hand: j1 -> j0: 1/sqrt(1.01) = 0.995; j3 -> j2: 1/sqrt(1.04) = 0.981;
     # j5 -> j4: 1/sqrt(1.25) = 0.894. With r = 2, j1 and j3 merge, j5 stays.
-    x = torch.tensor([[float(j), 10.0 * j] for j in range(6)])
+    cls = [-7.0, -70.0]
+    x = torch.tensor([cls] + [[float(j), 10.0 * j] for j in range(6)])  # CLS first, then j = 0..5
     size = torch.tensor([1.0, 3, 1, 1, 2, 1])
     out, new_size, match = bipartite_merge(x, size, metric, r=2, num_prefix=1)
-    # Order: unmerged A (j5), then B: j0 + j1 (sizes 1 + 3), j2 + j3 (1 + 1), j4.
-    expected = torch.tensor([[5, 50], [(0 + 3 * 1) / 4, (0 + 3 * 10) / 4], [2.5, 25], [4, 40]])
+    # Order: CLS untouched, unmerged A (j5), then B: j0 + j1 (sizes 1 + 3), j2 + j3 (1 + 1), j4.
+    expected = torch.tensor([cls, [5, 50], [(0 + 3 * 1) / 4, (0 + 3 * 10) / 4], [2.5, 25], [4, 40]])
     assert torch.allclose(out, expected)
     assert new_size.tolist() == [1, 4, 2, 2]
     assert merge_where(6, 1, match).tolist() == [1, 1, 2, 2, 3, 0]
@@ -116,9 +117,10 @@ def test_bipartite_merge_hand_case_without_prefix_keeps_tomes_order():
 
 
 def test_r_is_capped_at_half_the_mergeable_tokens():
-    x, metric = torch.randn(5, 3), torch.randn(5, 4)
+    x, metric = torch.randn(1 + 5, 3), torch.randn(5, 4)
     out, size, _ = bipartite_merge(x, torch.ones(5), metric, r=9, num_prefix=1)
-    assert out.shape[0] == 5 - 5 // 2 and size.sum() == 5
+    assert out.shape[0] == 1 + 5 - 5 // 2 and size.sum() == 5
+    assert torch.equal(out[0], x[0])
 
 
 def test_first_block_merges_on_that_blocks_keys_averaged_over_heads(encoder):
@@ -126,7 +128,8 @@ def test_first_block_merges_on_that_blocks_keys_averaged_over_heads(encoder):
     out = tome_forward(encoder, COFFEE, 224, r=[r])
     enc0 = encoder.encode(COFFEE, size=224, layer=0)  # block 0's keys, exactly as the block computes them
     metric = enc0.k[:, 1:].mean(dim=0)
-    _, size, match = bipartite_merge(enc0.tokens, torch.ones(256), metric, r, num_prefix=1)
+    x0 = torch.zeros(1 + 256, 1)  # the match depends on the metric only
+    _, size, match = bipartite_merge(x0, torch.ones(256), metric, r, num_prefix=1)
     assert torch.equal(out.covers[0], merge_where(256, 1, match))
     assert out.counts == [256] + [256 - r] * 12
     assert torch.equal(out.sizes.sort().values, size.sort().values)
