@@ -247,9 +247,11 @@ def forward_flops(net, counts: Sequence[int], num_prefix: int) -> float:
 
     Patch embedding: 2 N (3 p^2) C. Block i, with t = P + counts[i] tokens at
     attention and t' = P + counts[i + 1] at the MLP (the reduction sits
-    between them): 2 t (every Linear of the attention: qkv, proj, gate)
-    + 4 t^2 attn_dim (q k^T and attention @ v) + 2 t' (every Linear of the
-    MLP). Norms, softmax, activations and the matching itself are not counted.
+    between them): 2 t sum(in x out over the attention's Linears: qkv, proj,
+    gate) + 4 t^2 attn_dim (q k^T and attention @ v) + 2 t' sum(in x out
+    over the MLP's Linears). For ViT-S (C = 384, MLP 1536): 2 t (4 C^2)
+    + 4 t^2 C + 2 t' (8 C^2). Norms, softmax, activations and the matching
+    itself are not counted.
     """
     pe = net.patch_embed.proj
     flops = 2.0 * counts[0] * pe.in_channels * pe.kernel_size[0] * pe.kernel_size[1] * pe.out_channels
