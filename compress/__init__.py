@@ -22,6 +22,15 @@ from .downstream import (
 from .encoder import Encoder, device_label, resolve_device
 from .heads import Head, SaliencyHead, head_for, head_status
 from .images import ImageError, load_image
+from .inside import (
+    InsideResult,
+    keep_for_budget,
+    output_agreement,
+    plain_forward,
+    prune_forward,
+    r_for_budget,
+    tome_forward,
+)
 from .merge import merge_bipartite, merge_threshold, pool
 from .metrics import (
     attention_mass_kept,
@@ -55,6 +64,7 @@ __all__ = [
     "Encoding",
     "Head",
     "ImageError",
+    "InsideResult",
     "PerceiverResampler",
     "SaliencyHead",
     "STRATEGIES",
@@ -79,6 +89,7 @@ __all__ = [
     "dpc_knn",
     "fidelity",
     "load_image",
+    "keep_for_budget",
     "kmeans",
     "resample",
     "summary",
@@ -86,13 +97,18 @@ __all__ = [
     "divprune",
     "merge_bipartite",
     "merge_threshold",
+    "output_agreement",
+    "plain_forward",
     "pool",
     "prumerge",
     "prumerge_plus",
     "prune_attention",
+    "prune_forward",
+    "r_for_budget",
     "random_keep",
     "resolve_device",
     "run_at_budget",
+    "tome_forward",
     "vispruner",
     "visionzip",
 ]

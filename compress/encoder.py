@@ -374,6 +374,22 @@ class Encoder:
             return torch.cat(prefix + [x + pos], dim=1)
         return torch.cat(prefix + [x], dim=1) + pos
 
+    def embed(self, pixels: torch.Tensor, net: torch.nn.Module | None = None) -> torch.Tensor:
+        """The token sequence that enters block 0, [1, P + N, C] (prefix first).
+
+        ``pixels`` [1, 3, H, W] as ``preprocess`` returns them (H and W multiples
+        of the patch size): patch embedding, position embedding resampled to the
+        grid, the prefix tokens (CLS, registers) and ``norm_pre`` -- timm's
+        ``forward_features`` up to the blocks, in eval mode. ``net`` defaults to
+        ``self.net`` (the CPU copy is passed for out-of-memory retries).
+        """
+        net = self.net if net is None else net
+        x = net.patch_embed(pixels)
+        if x.ndim == 3:  # patch embed without NHWC output: restore the grid
+            x = x.reshape(1, pixels.shape[-2] // self.patch_size, pixels.shape[-1] // self.patch_size, -1)
+        x = self._pos_embed(net, x)
+        return net.norm_pre(x)
+
     def _on_gpu(self) -> bool:
         """Whether an out-of-memory error is worth a retry on the CPU (tests fake a GPU here)."""
         return self.device.type == "cuda"
@@ -403,11 +419,7 @@ class Encoder:
         fast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         try:
             with fast:
-                x = net.patch_embed(pixels)
-                if x.ndim == 3:  # patch embed without NHWC output: restore the grid
-                    x = x.reshape(1, grid[0], grid[1], -1)
-                x = self._pos_embed(net, x)
-                x = net.norm_pre(x)
+                x = self.embed(pixels, net)
                 tokens = None
                 for i, blk in enumerate(net.blocks[: max(index, attn_index) + 1]):
                     x = blk(x)

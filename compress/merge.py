@@ -124,6 +124,29 @@ def merge_threshold(enc: Encoding, threshold: float, connectivity: int = 4) -> C
     )
 
 
+def bipartite_match(
+    unit_a: torch.Tensor, unit_b: torch.Tensor, r: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ToMe's matching step: which A tokens merge, and into which B token.
+
+    ``unit_a`` [|A|, D] and ``unit_b`` [|B|, D] are unit-length matching
+    features, so their dot product is the cosine similarity. Each A token
+    draws one edge to its most similar B token; the ``r`` A tokens with the
+    most similar edges are merged (ties broken by position, a stable sort;
+    ToMe's own ``argsort`` does not promise an order for ties).
+
+    Returns (``src`` [r]: the merged A positions, ``unm`` [|A| - r]: the
+    unmerged A positions, in order of decreasing edge similarity,
+    ``dst`` [r]: the B position each ``src`` token merges into).
+    """
+    scores = unit_a @ unit_b.T
+    # amax, then argmax over the r merged rows only: the same as max(dim=-1) (first maximum on
+    # ties), and much cheaper on a CPU than the indices of every row.
+    order = torch.sort(scores.amax(dim=-1), descending=True, stable=True).indices
+    src, unm = order[:r], order[r:]
+    return src, unm, scores.index_select(0, src).argmax(dim=-1)
+
+
 def bipartite_round(
     metric: torch.Tensor, members: torch.Tensor, r: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -144,11 +167,7 @@ def bipartite_round(
     if r <= 0:
         return metric, members
     unit = F.normalize(metric.float(), dim=-1)
-    scores = unit[0::2] @ unit[1::2].T  # [|A|, |B|]
-    node_max, node_idx = scores.max(dim=-1)
-    order = torch.sort(node_max, descending=True, stable=True).indices
-    src_idx, unm_idx = order[:r], order[r:]
-    dst_idx = node_idx[src_idx]
+    src_idx, unm_idx, dst_idx = bipartite_match(unit[0::2], unit[1::2], r)
 
     size = members.sum(dim=1, keepdim=True)
     weighted = metric.float() * size  # size-weighted sums merge by addition

@@ -1,0 +1,361 @@
+"""Compression inside the ViT (ToMe, EViT): exact where it must be, pinned by hand where it can be."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import ASSETS
+from PIL import Image
+
+from compress import Encoder
+from compress.inside import (
+    _Tracks,
+    attention,
+    attentive_keep,
+    bipartite_merge,
+    forward_flops,
+    keep_for_budget,
+    keep_where,
+    merge_where,
+    output_agreement,
+    parse_r,
+    plain_forward,
+    prune_counts,
+    prune_forward,
+    r_for_budget,
+    tome_counts,
+    tome_forward,
+)
+from compress.merge import bipartite_round
+
+COFFEE = Image.open(ASSETS / "coffee.jpg")
+
+
+@pytest.fixture(scope="module")
+def registers() -> Encoder:
+    """DINOv2 ViT-S/14 with 4 registers (random weights): prefix = CLS + 4 registers."""
+    return Encoder("vit_small_patch14_reg4_dinov2:random", device="cpu")
+
+
+@pytest.fixture(scope="module")
+def no_cls() -> Encoder:
+    """A ViT without CLS token (global average pooling), random weights: no prefix at all."""
+    return Encoder("vit_medium_patch16_gap_256:random", device="cpu")
+
+
+def assert_partition(result) -> None:
+    """Every block's cover maps each patch to one live token, and every token covers a patch."""
+    for b, labels in enumerate(result.covers):
+        count = result.counts[b + 1]
+        assert labels.shape == (result.num_patches,)
+        assert int(labels.min()) >= 0 and int(labels.max()) < count
+        assert bool((torch.bincount(labels, minlength=count) > 0).all())
+
+
+# --- exactness against the plain forward -------------------------------------------------
+
+
+def test_r0_and_keep_ratio_1_equal_the_plain_encode(encoder):
+    enc = encoder.encode(COFFEE, size=224)
+    n = enc.num_patches
+    runs = [tome_forward(encoder, COFFEE, 224, r=0), prune_forward(encoder, COFFEE, 224, keep_ratio=1.0),
+            prune_forward(encoder, COFFEE, 224, keep_ratio=0.5, blocks=()),
+            plain_forward(encoder, COFFEE, 224)]
+    for out in runs:
+        assert (out.tokens - enc.tokens).abs().max() <= 1e-5
+        assert (out.prefix - enc.prefix).abs().max() <= 1e-5
+        assert out.counts == [n] * 13
+        assert all(torch.equal(c, torch.arange(n)) for c in out.covers)
+        assert torch.equal(out.compression.assign, torch.eye(n))
+        assert out.flops == out.plain_flops
+    agree = output_agreement(runs[0], enc)
+    assert agree["patch_cosine"] == pytest.approx(1.0, abs=1e-6)
+    assert agree["cls_cosine"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_registers_r0_equals_encode_and_prefix_is_protected(registers):
+    enc = registers.encode(COFFEE, size=70)  # 5 x 5 patches, prefix 5
+    assert (tome_forward(registers, COFFEE, 70, r=0).tokens - enc.tokens).abs().max() <= 1e-5
+    out = tome_forward(registers, COFFEE, 70, r=3)
+    assert out.prefix.shape == (5, enc.dim)
+    assert out.counts == tome_counts(25, [3] * 12) == [25, 22, 19, 16, 13, 10, 7, 4, 2, 1, 1, 1, 1]
+    assert_partition(out)
+
+
+# --- ToMe: the bipartite round, by hand ---------------------------------------------------
+
+
+def test_bipartite_merge_hand_case_with_a_cls_token():
+    # One prefix token (CLS) sits at position 0, so mergeable token j is at position j + 1:
+    # A = j 1, 3, 5 (even positions), B = j 0, 2, 4 -- ToMe's split of the full sequence.
+    metric = torch.tensor([[1, 0], [1, 0.1], [0, 1], [0.2, 1], [-1, 0], [-1, 0.5]])
+    # Best edges, cosines by hand: j1 -> j0: 1/sqrt(1.01) = 0.995; j3 -> j2: 1/sqrt(1.04) = 0.981;
+    # j5 -> j4: 1/sqrt(1.25) = 0.894. With r = 2, j1 and j3 merge, j5 stays.
+    cls = [-7.0, -70.0]
+    x = torch.tensor([cls] + [[float(j), 10.0 * j] for j in range(6)])  # CLS first, then j = 0..5
+    size = torch.tensor([1.0, 3, 1, 1, 2, 1])
+    out, new_size, match = bipartite_merge(x, size, metric, r=2, num_prefix=1)
+    # Order: CLS untouched, unmerged A (j5), then B: j0 + j1 (sizes 1 + 3), j2 + j3 (1 + 1), j4.
+    expected = torch.tensor([cls, [5, 50], [(0 + 3 * 1) / 4, (0 + 3 * 10) / 4], [2.5, 25], [4, 40]])
+    assert torch.allclose(out, expected)
+    assert new_size.tolist() == [1, 4, 2, 2]
+    assert merge_where(6, 1, match).tolist() == [1, 1, 2, 2, 3, 0]
+
+
+def test_bipartite_merge_hand_case_without_prefix_keeps_tomes_order():
+    # No prefix: A = j 0, 2, 4, B = j 1, 3, 5. Edges by hand: j0 -> j1 cos 1.0;
+    # j2 -> j3: 2/sqrt(5) = 0.894; j4 -> j5: 3/sqrt(10) = 0.949. r = 1 merges j0 into j1.
+    metric = torch.tensor([[1.0, 0], [1, 0], [1, 2], [0, 1], [-3, 1], [-1, 0]])
+    x = torch.tensor([[float(j), 10.0 * j] for j in range(6)])
+    out, new_size, match = bipartite_merge(x, torch.ones(6), metric, r=1, num_prefix=0)
+    # Without a CLS token ToMe does not sort the unmerged A tokens: by similarity, j4 then j2.
+    assert torch.allclose(out, torch.tensor([[4.0, 40], [2, 20], [0.5, 5], [3, 30], [5, 50]]))
+    assert new_size.tolist() == [1, 1, 2, 1, 1]
+    assert merge_where(6, 0, match).tolist() == [2, 2, 1, 3, 0, 4]
+
+
+def test_r_is_capped_at_half_the_mergeable_tokens():
+    x, metric = torch.randn(1 + 5, 3), torch.randn(5, 4)
+    out, size, _ = bipartite_merge(x, torch.ones(5), metric, r=9, num_prefix=1)
+    assert out.shape[0] == 1 + 5 - 5 // 2 and size.sum() == 5
+    assert torch.equal(out[0], x[0])
+
+
+def test_first_block_merges_on_that_blocks_keys_averaged_over_heads(encoder):
+    r = 20
+    out = tome_forward(encoder, COFFEE, 224, r=[r])
+    enc0 = encoder.encode(COFFEE, size=224, layer=0)  # block 0's keys, exactly as the block computes them
+    metric = enc0.k[:, 1:].mean(dim=0)
+    x0 = torch.zeros(1 + 256, 1)  # the match depends on the metric only
+    _, size, match = bipartite_merge(x0, torch.ones(256), metric, r, num_prefix=1)
+    assert torch.equal(out.covers[0], merge_where(256, 1, match))
+    assert out.counts == [256] + [256 - r] * 12
+    assert torch.equal(out.sizes.sort().values, size.sort().values)
+
+
+def test_without_prefix_the_round_is_the_post_hoc_bipartite_round(no_cls):
+    # With no prefix, ToMe's split and order are those of merge.bipartite_round (pinned in test_merge).
+    out = tome_forward(no_cls, COFFEE, 64, r=[4])  # 4 x 4 patches
+    enc0 = no_cls.encode(COFFEE, size=64, layer=0)
+    _, members = bipartite_round(enc0.k.mean(dim=0), torch.eye(16), 4)
+    assert torch.equal(out.covers[0], members.argmax(dim=0))
+
+
+# --- proportional attention ---------------------------------------------------------------
+
+
+def test_a_token_of_size_2_gets_the_attention_of_two_identical_tokens():
+    from timm.layers import Attention
+
+    torch.manual_seed(0)
+    attn = Attention(8, num_heads=2, qkv_bias=True).eval()
+    t = torch.randn(1, 3, 8)
+    twice = torch.cat([t[:, :2], t[:, 1:2], t[:, 2:]], dim=1)  # token 1 appears twice, each of size 1
+    ours, _, _ = attention(attn, t, torch.tensor([1.0, 2.0, 1.0]).log())
+    ref, _, _ = attention(attn, twice, None)
+    assert torch.allclose(ours, ref[:, [0, 1, 3]], atol=1e-6)
+    assert torch.allclose(ref[:, 1], ref[:, 2])
+    # and log s is what is added: size 3 = the token three times
+    thrice = torch.cat([t[:, :1], t[:, 1:2].repeat(1, 3, 1), t[:, 2:]], dim=1)
+    ours3, _, _ = attention(attn, t, torch.tensor([1.0, 3.0, 1.0]).log())
+    assert torch.allclose(ours3, attention(attn, thrice, None)[0][:, [0, 1, 4]], atol=1e-6)
+
+
+def test_attention_reproduces_timm_with_qk_norm_output_norm_and_gate():
+    from timm.layers import Attention
+
+    torch.manual_seed(1)
+    attn = Attention(16, num_heads=2, qk_norm=True, scale_norm=True, gated=True,
+                     norm_layer=torch.nn.LayerNorm).eval()
+    for p in attn.parameters():  # make the norms' affine parameters non-trivial
+        p.data.normal_()
+    x = torch.randn(1, 7, 16)
+    assert torch.allclose(attention(attn, x)[0], attn(x), atol=1e-5)
+
+
+# --- covers, counts, schedules -------------------------------------------------------------
+
+
+def test_tome_covers_partition_the_patches_at_every_block(encoder):
+    out = tome_forward(encoder, COFFEE, 224, r=16)
+    assert out.counts == tome_counts(256, [16] * 12)
+    assert out.counts[-1] == 64
+    assert_partition(out)
+    assert torch.equal(out.sizes, torch.bincount(out.covers[-1]).float())
+    comp = out.compression
+    assert comp.strategy == "tome_inside" and comp.kind == "merge"
+    assert torch.equal(comp.tokens, out.tokens)
+    assert torch.allclose(comp.assign.sum(dim=1), torch.ones(64))
+    assert torch.equal((comp.assign > 0).sum(dim=0), torch.ones(256, dtype=torch.long))
+    # size-weighted = uniform over the patches a token covers
+    assert torch.allclose(comp.assign.max(dim=1).values, 1 / out.sizes)
+    assert 0 < out.flops_ratio < 1
+
+
+def test_r_schedules_follow_tomes_parse_r():
+    assert parse_r(5, 4) == [5, 5, 5, 5]
+    assert parse_r((8, 0), 12) == [8] * 12
+    # (8, -1), the "decreasing schedule": int(16 - (16 / 11) i) for i = 0..11
+    assert parse_r((8, -1), 12) == [16, 14, 13, 11, 10, 8, 7, 5, 4, 2, 1, 0]
+    assert parse_r((8, 1), 12) == [0, 1, 2, 4, 5, 7, 8, 10, 11, 13, 14, 16]
+    assert parse_r([4, 2], 4) == [4, 2, 0, 0]
+    with pytest.raises(ValueError, match="only 4 blocks"):
+        parse_r([1] * 5, 4)
+    with pytest.raises(ValueError, match="inflection"):
+        parse_r((8, 1, 2), 4)
+    with pytest.raises(ValueError, match="r must be at least 0"):
+        parse_r(-1, 4)
+
+
+def test_a_per_block_schedule_runs_as_given(encoder):
+    out = tome_forward(encoder, COFFEE, 224, r=[16, 0, 8])
+    assert out.counts == [256, 240, 240, 232] + [232] * 9
+    assert_partition(out)
+
+
+# --- EViT ----------------------------------------------------------------------------------
+
+
+def test_attentive_keep_hand_case():
+    x = torch.tensor([[1.0, 0], [0, 1], [2, 2], [3, 0]])
+    score = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    out, top = attentive_keep(x, score, keep=2, fuse=True)
+    assert top.tolist() == [1, 3]  # by decreasing score
+    # fused: 0.1 * x0 + 0.2 * x2 = (0.1 + 0.4, 0.4): EViT's raw attention-weighted sum
+    assert torch.allclose(out, torch.tensor([[0, 1], [3, 0], [0.5, 0.4]]))
+    assert keep_where(4, top, True).tolist() == [2, 0, 2, 1]
+    out, top = attentive_keep(x, score, keep=2, fuse=False)
+    assert torch.equal(out, x[[1, 3]])
+    assert keep_where(4, top, False).tolist() == [-1, 0, -1, 1]
+
+
+def test_fusion_weights_multiply_when_the_fused_token_is_fused_again():
+    tracks = _Tracks(4, torch.device("cpu"))
+    score = torch.tensor([0.1, 0.4, 0.2, 0.3])
+    tracks.move(keep_where(4, torch.tensor([1, 3]), True), score, fused=2)
+    assert tracks.labels.tolist() == [2, 0, 2, 1]
+    assert torch.allclose(tracks.weight, torch.tensor([0.1, 1, 0.2, 1]))
+    # next block: tokens (patch 1, patch 3, fused {0, 2}) score 0.5, 0.3, 0.2; keep 1 -> token 0
+    score = torch.tensor([0.5, 0.3, 0.2])
+    tracks.move(keep_where(3, torch.tensor([0]), True), score, fused=1)
+    assert tracks.labels.tolist() == [1, 0, 1, 1]
+    assert torch.allclose(tracks.weight, torch.tensor([0.1 * 0.2, 1, 0.2 * 0.2, 0.3]))
+
+
+def test_prune_inside_keeps_by_cls_attention_and_fuses_the_rest(encoder):
+    out = prune_forward(encoder, COFFEE, 224, keep_ratio=0.7)
+    # kept ceil(0.7 T) plus the fused token: 256 -> 180 + 1 -> 127 + 1 -> 90 + 1
+    assert out.counts == prune_counts(256, 0.7, 12) == [256] * 4 + [181] * 3 + [128] * 3 + [91] * 3
+    # block 3 is the first to prune: its scores are the plain CLS attention of block 3 (head mean)
+    enc3 = encoder.encode(COFFEE, size=224, layer=3)
+    assert torch.allclose(out.scores[3], enc3.cls_attn.mean(dim=0), atol=1e-6)
+    kept3 = torch.topk(out.scores[3], 180).indices
+    assert torch.equal(out.covers[3][kept3], torch.arange(180))
+    assert bool((out.covers[3][torch.ones(256, dtype=torch.bool).index_fill_(0, kept3, False)] == 180).all())
+    assert_partition(out)
+    # The fused token of a block is a token like any other later (EViT): it may be kept or fused
+    # again. A patch's weight in the final fused row is the product of the scores its token had
+    # at each block where that token went into the fused token.
+    weight, prev = torch.ones(256), torch.arange(256)
+    for b in (3, 6, 9):
+        fused_here = out.covers[b] == out.counts[b + 1] - 1
+        weight = torch.where(fused_here, weight * out.scores[b][prev], weight)
+        prev = out.covers[b]
+    last = out.covers[-1] == 90
+    comp = out.compression
+    assert int(out.sizes[-1]) == int(last.sum()) == int((comp.assign[-1] > 0).sum())
+    assert torch.allclose(comp.assign[-1][last], weight[last] / weight[last].sum())
+    assert torch.allclose(comp.assign.sum(dim=1), torch.ones(91))
+    assert int(out.sizes.sum()) == 256
+
+
+def test_prune_inside_without_fusion_discards(encoder):
+    out = prune_forward(encoder, COFFEE, 224, keep_ratio=0.7, fuse=False)
+    assert out.counts[-1] == 89  # 256 -> 180 -> 126 -> 89
+    labels = out.covers[-1]
+    assert int((labels < 0).sum()) == 256 - 89
+    assert out.compression.kind == "prune"
+    assert out.compression.kept_mask().sum() == 89
+    agree = output_agreement(out, plain_forward(encoder, COFFEE, 224))
+    assert agree["discarded_share"] == pytest.approx((256 - 89) / 256)
+
+
+def test_prune_without_cls_uses_received_attention(no_cls):
+    out = prune_forward(no_cls, COFFEE, 128, keep_ratio=0.5, blocks=(2, 5))  # 8 x 8 patches
+    enc2 = no_cls.encode(COFFEE, size=128, layer=2)
+    assert torch.allclose(out.scores[2], enc2.received().mean(dim=0), atol=1e-6)
+    assert out.counts[3] == 32 + 1 and out.counts[6] == 17 + 1
+    assert out.params["score"] == "received" and not out.has_cls
+    assert output_agreement(out, no_cls.encode(COFFEE, size=128))["cls_cosine"] is None
+
+
+def test_prune_with_registers_scores_patches_only(registers):
+    out = prune_forward(registers, COFFEE, 70, keep_ratio=0.6, blocks=(1,))
+    enc1 = registers.encode(COFFEE, size=70, layer=1)
+    assert torch.allclose(out.scores[1], enc1.cls_attn.mean(dim=0), atol=1e-6)  # 25 patches, no registers
+    assert out.prefix.shape[0] == 5 and out.counts[-1] == 15 + 1
+
+
+# --- budgets, FLOPs ------------------------------------------------------------------------
+
+
+def test_r_for_budget_is_the_nearest_count():
+    assert r_for_budget(16, 8, 2) == 4  # 16 -> 12 -> 8
+    assert r_for_budget((24, 24), 576, 12) == 0
+    for n, budget in ((576, 64), (576, 200), (256, 100), (1024, 300)):
+        r = r_for_budget(n, budget, 12)
+        gaps = [abs(tome_counts(n, [k] * 12)[-1] - budget) for k in range(n // 2 + 1)]
+        assert abs(tome_counts(n, [r] * 12)[-1] - budget) == min(gaps)
+
+
+def test_keep_for_budget_is_the_nearest_count_with_a_clean_ratio():
+    # one block, no fusion: ceil(rho * 100) = 70 for rho in (0.69, 0.70]; the largest is returned
+    assert keep_for_budget(100, 70, 1, blocks=(0,), fuse=False) == 0.7
+    for n, budget in ((576, 64), (576, 200), (256, 91)):
+        rho = keep_for_budget(n, budget, 12)
+        assert abs(prune_counts(n, rho, 12)[-1] - budget) <= 1
+    rho = keep_for_budget(256, 91, 12)  # 0.7 gives 256 -> 181 -> 128 -> 91, as in the forward above
+    assert 0.7 <= rho and prune_counts(256, rho, 12)[-1] == 91 < prune_counts(256, rho + 1e-6, 12)[-1]
+
+
+def test_flops_follow_the_documented_formula(encoder):
+    n, t, c, hidden = 256, 257, 384, 1536
+    per_block = 2 * t * (c * 3 * c + c * c) + 4 * t * t * c + 2 * t * (c * hidden * 2)
+    expected = 2 * n * (3 * 14 * 14) * c + 12 * per_block
+    assert forward_flops(encoder.net, [n] * 13, 1) == expected
+
+
+# --- bad input -----------------------------------------------------------------------------
+
+
+def test_bad_input_errors_name_the_allowed_range(encoder):
+    with pytest.raises(ValueError, match=r"r must be between 0 and 128 for 256 patch tokens"):
+        tome_forward(encoder, COFFEE, 224, r=129)
+    with pytest.raises(ValueError, match=r"keep_ratio must be greater than 0 and at most 1"):
+        prune_forward(encoder, COFFEE, 224, keep_ratio=0)
+    with pytest.raises(ValueError, match=r"keep_ratio must be between 0.0 and 1.0"):
+        prune_forward(encoder, COFFEE, 224, keep_ratio=1.5)
+    with pytest.raises(ValueError, match=r"block must be between 0 and 11"):
+        prune_forward(encoder, COFFEE, 224, blocks=(3, 12))
+    with pytest.raises(ValueError, match="must not repeat"):
+        prune_forward(encoder, COFFEE, 224, blocks=(3, 3))
+    with pytest.raises(ValueError, match="budget must be between 1 and 256"):
+        r_for_budget(256, 0, 12)
+    with pytest.raises(ValueError, match="same image, size and model"):
+        output_agreement(tome_forward(encoder, COFFEE, 224, r=4), encoder.encode(COFFEE, size=336))
+
+
+def test_models_that_are_not_plain_vits_are_refused():
+    with pytest.raises(ValueError, match="not a plain ViT"):
+        Encoder("resnet18:random", device="cpu")
+    post_norm = Encoder("vit_base_patch16_rpn_224:random", device="cpu")  # residual post-norm blocks
+    with pytest.raises(ValueError, match="ResPostBlock.*only timm's pre-norm Block"):
+        tome_forward(post_norm, COFFEE, 64, r=2)
+
+
+def test_tiny_keep_ratio_still_keeps_a_token(encoder):
+    out = prune_forward(encoder, COFFEE, 224, keep_ratio=1e-6, fuse=False)
+    assert out.counts[-1] == 1 and math.isclose(output_agreement(out, encoder.encode(COFFEE, size=224))
+                                                ["discarded_share"], 255 / 256)
