@@ -19,11 +19,11 @@ import torch  # noqa: E402
 
 from compress import BUNDLED_NAME  # noqa: E402
 from compress.cache import set_precision, shared_encoder  # noqa: E402
-from tabs import compare, features, floor, merge, more, prune, resampler, source  # noqa: E402
+from tabs import compare, features, floor, inside, merge, more, prune, resampler, source  # noqa: E402
 from tabs.common import Session, Wiring  # noqa: E402
 
 QUEUE_SIZE = int(os.environ.get("TCE_QUEUE_SIZE", "128"))
-TABS = (merge, prune, resampler, more, compare, features)  # in the order they appear
+TABS = (merge, prune, resampler, more, inside, compare, features)  # in the order they appear
 
 
 def build() -> gr.Blocks:

@@ -47,13 +47,13 @@ def zigzag(lo: float, hi: float, n: int, digits: int = 3) -> list:
 CASES = [
     # the floor: a trivial handler returning one of two fixed 64 px JPEG files (tabs/floor.py)
     ("floor-slider", "floor-image", None, None, list(range(1, 60)), None, ()),
-    ("merge-threshold", "merge-overlay", "merge-stats", "Token merging",
+    ("merge-threshold", "merge-overlay", "merge-stats", "Merging",
      zigzag(0.80, 0.97, 40), 150, ("merge",)),
-    ("merge-target", "merge-overlay", "merge-stats", "Token merging",
+    ("merge-target", "merge-overlay", "merge-stats", "Merging",
      zigzag(40, 400, 40, 0), 150, ("merge",)),
-    ("prune-keep", "prune-overlay", "prune-stats", "Attention pruning",
+    ("prune-keep", "prune-overlay", "prune-stats", "Pruning",
      zigzag(0.10, 0.80, 40, 2), 150, ("prune",)),
-    ("resampler-latents", "resampler-overlay", "resampler-stats", "Perceiver Resampler",
+    ("resampler-latents", "resampler-overlay", "resampler-stats", "Resampler",
      zigzag(16, 128, 40, 0), 300, ("resampler", "grid", "single")),
     # release: grid, table and the fidelity curve all refreshed
     ("compare-budget", "compare-grid", "compare-note", "Compare",

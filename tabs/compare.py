@@ -1,51 +1,166 @@
-"""The "Compare" tab: every strategy at one budget M, the numbers, the curves, the seed's claims."""
+"""The "Compare" tab: every strategy at one budget M, the numbers, the curves, the seed's claims.
+
+The grid and the fidelity table follow the budget slider live. On release
+come the slower columns: task agreement (the saliency head on every
+strategy's tokens, one batch), ToMe and EViT run inside the network at the
+same budget with their measured speedup, and the seed claims judged by the
+task too. The curves (fidelity and task agreement against M for every
+strategy) are computed once per image by a background job; a timer polls it.
+"""
 
 from __future__ import annotations
 
 import gradio as gr
 
-from viz.panels import compare_panel, seed_claims
+from compress import STRATEGIES
+from compress.cache import shared_encoder
+from compress.downstream import agreement_sweep
+from compress.heads import head_status
+from compress.registry import fidelity_sweep
+from viz.compare import curves_plot
+from viz.inside import inside_at_budget
+from viz.panels import compare_panel, seed_claims, task_column
 
-from .common import LIVE, Tab, Wiring, guarded, need
+from .common import LIVE, QUIET, Tab, Wiring, guarded, need
+from .jobs import JOBS
+from .source import LIMITS
 
 ID = "compare"
-TEXT = """**Every strategy at the same budget M**, on this image: overlays, numbers, and fidelity
-against M for all of them (computed once per image). Random keep is the floor every method must
-beat. Fidelity: mean cosine of each patch token to the output that represents it best."""
+COLUMNS = ["strategy", "M", "ratio", "fidelity", "task CC", "attention kept", "ms", "speedup"]
+NO_SPEEDUP = "none: after the network"
+TEXT = """**Every strategy at the same budget M**, on this image: overlays, numbers, and two curves
+for all of them, computed once per image in the background. *Fidelity* (mean cosine of each patch
+token to the output that represents it best) measures the tokens and flatters uniform coverage;
+*task CC* measures what a trained model downstream loses (the saliency head: Pearson correlation of
+its map on the compressed tokens with its map on the original ones). Random keep and pooling are
+the floor every method must beat. The strategies above run after the network, so they save nothing
+inside it; ToMe and EViT *inside the ViT* run in its blocks at the same final M, and their speedup is
+measured against the plain forward on this machine."""
 
 
 def claims_md(enc) -> str:
     rows = seed_claims(enc)
-    lines = ["| the seed claims | setting | on this image | holds? |", "| --- | --- | --- | --- |"]
-    lines += [f"| {r['claim']} | {r['setting']} | {r['here']} | {r['holds']} |" for r in rows]
+    lines = ["| the seed claims | setting | on this image | holds? | the task downstream |",
+             "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {r['claim']} | {r['setting']} | {r['here']} | {r['holds']} | {r['task']} |"
+              for r in rows]
     return "\n".join(lines)
 
 
+def _row(label, s, task, speedup) -> list:
+    kept = s["attention_mass_kept"]
+    return [label, s["M"], round(s["ratio"], 2), round(s["fidelity"], 4),
+            "n/a" if task is None else round(task["cc"], 3),
+            "n/a" if kept is None else round(kept, 3), round(s["ms"], 1), speedup]
+
+
 @guarded
-def render(session, budget: int, with_figure: bool = False):
-    """[grid, table, note] (+ [figure]) for every strategy at ``budget``."""
+def render(session, budget: int):
+    """[grid, table, note] for every strategy at ``budget`` (fidelity; the task follows)."""
     enc = need(session)
-    p = compare_panel(enc, min(int(budget), enc.num_patches), with_figure=with_figure)
+    p = compare_panel(enc, min(int(budget), enc.num_patches), with_figure=False)
     session.panels[ID] = p
-    rows = [[r[0], r[1], r[2], r[3], "n/a" if r[4] is None else round(r[4], 3), r[5]]
-            for r in p.stats["rows"]]
-    table = {"headers": p.stats["columns"], "data": rows}
-    note = (f"budget M = {p.stats['budget']} of N = {p.stats['N']} · all strategies in "
-            f"{p.extra['total_ms']:.0f} ms")
-    out = [p.overlay, table, note]
-    return out + [p.figure] if with_figure else out
+    rows = [[label, m, ratio, fid, "…", "n/a" if kept is None else round(kept, 3), ms, NO_SPEEDUP]
+            for label, m, ratio, fid, kept, ms in p.stats["rows"]]
+    note = (f"budget M = {p.stats['budget']} of N = {p.stats['N']} · {len(rows)} strategies in "
+            f"{p.extra['total_ms']:.0f} ms · task agreement and the inside-network rows follow on "
+            "release")
+    return [p.overlay, {"headers": COLUMNS, "data": rows}, note]
 
 
 @guarded
-def draw(session, budget: int):
-    """The first look: grid, table, note and the seed claims (the curve follows)."""
-    return [*render(session, budget), claims_md(need(session))]
+def slower(session, budget: int):
+    """[table with task CC and the inside-network rows, note, seed claims]."""
+    from compress import summary
+
+    enc = need(session)
+    budget = min(int(budget), enc.num_patches)
+    p = session.panels.get(ID)
+    if p is None or p.stats["budget"] != budget:
+        render(session, budget)
+        p = session.panels[ID]
+    comps = dict(p.extra["comps"])
+    extra_note = ""
+    inside = {}
+    try:
+        inside = inside_at_budget(shared_encoder(enc.model, LIMITS.device), enc, budget)
+    except ValueError as exc:
+        extra_note = f" · inside the network: n/a ({exc})"
+    comps.update({name: row["comp"] for name, row in inside.items()})
+    task, reason = task_column(enc, comps)
+    rows = [_row(STRATEGIES[name].short, summary(enc, comp), task[name], NO_SPEEDUP)
+            for name, comp in p.extra["comps"].items()]
+    for name, row in inside.items():
+        s = summary(enc, row["comp"])
+        s["ms"] = row["forward_ms"]
+        rows.append(_row(f"{row['label']} ({row['setting']})", s, task[name],
+                         f"{row['speedup']:.2f}x (FLOPs {row['flops_ratio']:.0%})"))
+    note = (f"budget M = {budget} of N = {enc.num_patches}"
+            + (f" · task CC n/a: {reason}" if reason else "")
+            + extra_note)
+    if inside:
+        plain = next(iter(inside.values()))["plain_ms"]
+        note += f" · inside rows: ms is the whole forward (the plain forward: {plain:.0f} ms)"
+    return [{"headers": COLUMNS, "data": rows}, note, claims_md(enc)]
+
+
+# --- the curves: a background job per image, polled -----------------------------------------
+
+def _curves_job(enc):
+    head, reason = head_status(enc.model)
+    if head is not None:
+        reason = head.supports(enc)
+
+    def run(progress):
+        enc.memo["curves_fidelity"] = fidelity_sweep(enc)
+        if head is None or reason:
+            return None
+        return agreement_sweep(enc, head, progress=progress)
+
+    return JOBS.once(enc.memo, "curves_job", run), reason
+
+
+def _curve_view(session, budget: int) -> tuple[object, str, bool]:
+    """(figure, note, finished) for the current state of the image's curves job."""
+    enc = need(session)
+    job, reason = _curves_job(enc)
+    labels = {k: v.short for k, v in STRATEGIES.items()}
+    fidelity = enc.memo.get("curves_fidelity")
+    if job.error:
+        return gr.skip(), f"curves failed: {job.error}", True
+    if fidelity is None:
+        return gr.skip(), f"fidelity and task curves: {job.describe()}", False
+    agreement = None
+    if job.finished and job.result is not None:
+        agreement = {name: [(m, a["cc"]) for m, a in points] for name, points in job.result.items()}
+    note = (f"no task curve: {reason}" if reason else
+            "task curve: " + job.describe())
+    figure = curves_plot(fidelity, agreement, labels, int(budget), enc.num_patches,
+                         note=note if agreement is None else "")
+    return figure, f"curves: {job.describe()}" if not reason else note, job.finished
 
 
 @guarded
 def curve(session, budget: int):
-    """The fidelity-against-M figure (its sweep is computed once per image)."""
-    return render(session, budget, with_figure=True)[-1]
+    """[figure, note, timer]: what the curves job has so far; the timer polls while it runs."""
+    figure, note, finished = _curve_view(session, budget)
+    session.drawn["compare:curve"] = (session.version, finished)
+    return [figure, note, gr.Timer(active=not finished)]
+
+
+@guarded
+def poll(session, budget: int):
+    """A timer tick: redraw when the job has moved on to something new to show."""
+    if session is None or session.enc is None:
+        return [gr.skip(), gr.skip(), gr.Timer(active=False)]
+    job, _ = _curves_job(session.enc)
+    seen = session.drawn.get("compare:curve")
+    stage = (session.version, job.finished, "curves_fidelity" in session.enc.memo)
+    if seen == stage:
+        return [gr.skip(), job.describe(), gr.Timer(active=not job.finished)]
+    figure, note, finished = _curve_view(session, budget)
+    session.drawn["compare:curve"] = stage
+    return [figure, note, gr.Timer(active=not finished)]
 
 
 def build(w: Wiring) -> Tab:
@@ -56,19 +171,30 @@ def build(w: Wiring) -> Tab:
             note = gr.Markdown(elem_id="compare-note")
         grid = gr.Image(label="Every strategy at M", format="jpeg", interactive=False,
                         show_label=False, elem_id="compare-grid")
-        table = gr.Dataframe(label="Numbers", interactive=False, elem_id="compare-table")
-        plot = gr.Plot(label="Fidelity against M", elem_id="compare-plot")
+        table = gr.Dataframe(label="Numbers", interactive=False, elem_id="compare-table",
+                             max_height=760, wrap=True,
+                             column_widths=["24%", "7%", "8%", "10%", "10%", "10%", "8%", "23%"])
+        curve_note = gr.Markdown(elem_id="compare-curve-note")
+        plot = gr.Plot(label="Fidelity and task agreement against M", elem_id="compare-plot")
         gr.Markdown(TEXT)
         claims = gr.Markdown(elem_id="seed-claims")
+        timer = gr.Timer(1.0, active=False)
 
-    out = [grid, table, note]
-    w.on(budget.input, render, [w.session, budget], out, "compare_live", **LIVE)
-    w.on(budget.release, lambda s, b: render(s, b, with_figure=True), [w.session, budget],
-         out + [plot], "compare", **LIVE)
+    fast = [grid, table, note]
+    slow = [table, note, claims]
+    curves = [plot, curve_note, timer]
+    w.on(budget.input, render, [w.session, budget], fast, "compare_live", **LIVE)
+    released = w.on(budget.release, render, [w.session, budget], fast, **LIVE)
+    released = w.on(released.then, slower, [w.session, budget], slow, "compare", **QUIET)
+    w.on(released.then, curve, [w.session, budget], curves, **QUIET)
+    timer.tick(poll, [w.session, budget], curves, api_visibility="private", show_progress="hidden")
 
     def fit(enc, budget):
         n = enc.num_patches
         return [gr.update(maximum=n, value=min(int(budget), n))]
 
-    return Tab(ID, tab, [budget], out + [claims], draw, [budget], fit,
-               later=(curve, [budget], [plot]))
+    def later(session, budget):
+        return [*slower(session, budget), *curve(session, budget)]
+
+    return Tab(ID, tab, [budget], fast, render, [budget], fit,
+               later=(later, [budget], slow + curves))

@@ -1,4 +1,4 @@
-"""The "Token merging" tab: adjacent threshold merging and ToMe, live."""
+"""The "Merging" tab (token merging): adjacent threshold merging and ToMe, live."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def render(session, method: str, threshold: float, target: int, fill: str, with_
 
 def build(w: Wiring) -> Tab:
     details = Details(ID)
-    with gr.Tab("Token merging", id=ID) as tab:
+    with gr.Tab("Merging", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
                 overlay = gr.Image(label="Merged clusters (click to inspect a token)", format="jpeg",

@@ -1,4 +1,4 @@
-"""The "More strategies" tab: every registered strategy beyond the seed's four, at a budget M.
+"""The "More methods" tab: every registered strategy beyond the seed's four, at a budget M.
 
 Each strategy's own settings (``Strategy.knobs``) get a control, shown while
 that strategy is chosen; nothing here knows a strategy by name.
@@ -80,7 +80,7 @@ def _control(name: str, knob):
 
 def build(w: Wiring) -> Tab:
     details = Details(ID)
-    with gr.Tab("More strategies", id=ID) as tab:
+    with gr.Tab("More methods", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
                 overlay = gr.Image(label="Result (click to inspect a token)", format="jpeg",

@@ -1,4 +1,4 @@
-"""The "Attention pruning" tab: keep the top patches by CLS, received or a clicked patch's attention."""
+"""The "Pruning" tab: keep the top patches by CLS, received or a clicked patch's attention."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ def do_query(session, score, head, keep, heatmap, text, details=None):
 
 def build(w: Wiring) -> Tab:
     details = Details(ID)
-    with gr.Tab("Attention pruning", id=ID) as tab:
+    with gr.Tab("Pruning", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
                 overlay = gr.Image(label="Kept patches (click: inspect, or move the query)",

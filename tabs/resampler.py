@@ -1,4 +1,4 @@
-"""The "Perceiver Resampler" tab: L latents cross-attend to the patches (untrained, k-means or fitted)."""
+"""The "Resampler" tab: a Perceiver Resampler's latents cross-attend to the patches (untrained)."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def do_fit(session, latents, depth, selected, progress=gr.Progress()):  # noqa: 
 
 def build(w: Wiring) -> Tab:
     details = Details(ID)
-    with gr.Tab("Perceiver Resampler", id=ID) as tab:
+    with gr.Tab("Resampler", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
                 overlay = gr.Image(label="Patch -> strongest latent (click to inspect)", format="jpeg",

@@ -281,12 +281,16 @@ def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks) -> None:
         session = session if session is not None else Session()
         encoder, cached = encode(session, image, model, size, layer, keep_aspect)
         enc = session.enc
-        drawn = []
+        drawn, slow = [], []
         for tab, vals in zip(tabs, _split(tabs, values), strict=True):
             drawn += draw_tab(session, tab, vals)
+            if tab.later is not None:  # the later steps read the same controls as the tab
+                fn, inputs, _ = tab.later
+                got = fn(session, *[vals[tab.inputs.index(c)] for c in inputs])
+                slow += got if isinstance(got, list) else [got]
         return [session, status_md(enc, encoder, cached), gr.skip(),
                 gr.update(maximum=encoder.depth, value=min(int(layer), encoder.depth)),
-                *_fitted(enc, tabs, values), *drawn]
+                *_fitted(enc, tabs, values), *drawn, *slow]
 
     api = gr.Button(visible=False)
-    api.click(encode_api, enc_in, head_out + tab_out, api_name="encode", **heavy)
+    api.click(encode_api, enc_in, head_out + tab_out + later_out, api_name="encode", **heavy)

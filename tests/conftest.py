@@ -57,7 +57,7 @@ def app_url(tmp_path_factory):
 
 
 def more_args(strategy: str = "divprune", budget: int = 64) -> list:
-    """The "More strategies" tab's inputs in the app's order: strategy, budget, then every
+    """The "More methods" tab's inputs in the app's order: strategy, budget, then every
     strategy's knobs at their defaults (``tabs.more.KNOBS``), so API calls follow the registry."""
     from tabs.more import KNOBS
 

@@ -185,9 +185,10 @@ def test_encode_updates_the_dependent_controls(session):
 def test_encode_every_tab_shows_576_in(session):
     _, out = session
     found = stats_of(out)
-    assert len(found) == 4, found  # merge, prune, resampler, more strategies
+    assert len(found) == 5, found  # merge, prune, resampler, more methods, inside the ViT
     assert all(s.startswith("### 576 →") for s in found)
-    merge, prune, res, more = (counts(s)[1] for s in found)
+    merge, prune, res, more, inside = (counts(s)[1] for s in found)
+    assert inside == 576 - 12 * 16  # ToMe inside, r = 16 in each of 12 blocks
     assert 1 <= merge < 576
     assert prune == 144  # keep 0.25 of 576
     assert res == 64
@@ -459,17 +460,26 @@ def test_more_strategies_follow_the_budget(client):
 
 
 def test_compare_runs_every_strategy_at_the_budget(client):
-    out = client.predict(32, api_name="/compare")
-    grid, table, note = out[0], out[1], out[2]
-    rows = table["data"]
     from compress import STRATEGIES
 
-    assert len(rows) == len(STRATEGIES)
+    grid, live_table, live_note = client.predict(32, api_name="/compare_live")
+    assert len(live_table["data"]) == len(STRATEGIES) and "M = 32 of N = 576" in live_note
+    # on release: the task column, ToMe and EViT inside the network, the seed claims with the task
+    table, note, claims = client.predict(32, api_name="/compare")
+    rows = table["data"]
+    assert table["headers"][4] == "task CC" and table["headers"][-1] == "speedup"
+    assert len(rows) == len(STRATEGIES) + 2
     by_name = {r[0]: r for r in rows}
-    for name in ("ToMe bipartite merging", "DivPrune", "Random keep", "VisionZip"):
+    for name in ("ToMe", "DivPrune", "Random keep", "VisionZip"):
         assert by_name[name][1] == 32
-    assert 0 < float(by_name["ToMe bipartite merging"][3]) <= 1
-    assert "M = 32 of N = 576" in note
+        assert 0 < float(by_name[name][3]) <= 1 and -1 <= float(by_name[name][4]) <= 1
+        assert by_name[name][-1].startswith("none")  # after the network: no speedup
+    inside = [r for r in rows if "inside the ViT" in r[0]]
+    assert len(inside) == 2
+    for r in inside:
+        assert abs(r[1] - 32) <= 8 and re.match(r"[\d.]+x \(FLOPs \d+%\)", r[-1]), r
+    assert "M = 32 of N = 576" in note and "plain forward" in note
+    assert "the task downstream" in claims and "CC 0." in claims
     other = client.predict(100, api_name="/compare_live")
     assert differ(grid, other[0])
-    assert other[1]["data"] != rows
+    assert other[1]["data"] != live_table["data"]

@@ -130,7 +130,7 @@ def test_upload_and_move_every_slider(page):
     page.screenshot(path=str(ARTIFACTS / "merge.png"), full_page=True)
 
     # Attention pruning: the keep ratio.
-    page.get_by_role("tab", name="Attention pruning").click()
+    page.get_by_role("tab", name="Pruning").click()
     page.wait_for_selector("#prune-overlay img")
     old, stats = src(page, "prune-overlay"), text(page, "prune-stats")
     drag(page, "prune-keep", 0.6)
@@ -138,7 +138,7 @@ def test_upload_and_move_every_slider(page):
     assert tokens_out(text(page, "prune-stats")) > tokens_out(stats)
 
     # Perceiver Resampler: the latent count.
-    page.get_by_role("tab", name="Perceiver Resampler").click()
+    page.get_by_role("tab", name="Resampler").click()
     page.wait_for_selector("#resampler-overlay img")
     old, stats = src(page, "resampler-overlay"), text(page, "resampler-stats")
     drag(page, "resampler-latents", 0.05)
@@ -149,7 +149,7 @@ def test_upload_and_move_every_slider(page):
 
 
 def test_click_sets_the_query_patch(page):
-    page.get_by_role("tab", name="Attention pruning").click()
+    page.get_by_role("tab", name="Pruning").click()
     img = page.locator("#prune-overlay img")
     img.wait_for()
     old, stats = src(page, "prune-overlay"), text(page, "prune-stats")
@@ -180,7 +180,7 @@ def click_at(page, elem_id: str, fx: float, fy: float) -> None:
 
 
 def test_clicking_the_picture_inspects_the_token_there(page):
-    page.get_by_role("tab", name="Token merging").click()
+    page.get_by_role("tab", name="Merging").click()
     page.wait_for_selector("#merge-overlay img")
     click_at(page, "merge-overlay", 0.5, 0.5)
     page.wait_for_function("() => document.querySelector('#merge-inspect-text').innerText"
@@ -191,7 +191,7 @@ def test_clicking_the_picture_inspects_the_token_there(page):
     assert "CLS attention" in report
     page.wait_for_function("() => document.querySelector('#merge-inspect-image img')?.complete")
     # a selection rule: a dropped patch names the kept token that stands in for it
-    page.get_by_role("tab", name="More strategies").click()
+    page.get_by_role("tab", name="More methods").click()
     page.locator("#more-strategy label", has_text="DivPrune").click()
     page.wait_for_function("() => document.querySelector('#more-stats').innerText.includes('DivPrune')")
     seen = set()
@@ -298,7 +298,7 @@ def test_a_refused_upload_is_calm(page, tmp_path):
 
     from PIL import Image
 
-    page.get_by_role("tab", name="Token merging").click()
+    page.get_by_role("tab", name="Merging").click()
     old, stats = src(page, "merge-overlay"), text(page, "merge-stats")
     page.set_input_files("#input-image input[type=file]", str(ASSETS / "hubble.jpg"))
     wait_changed(page, "merge-overlay", old, "merge-stats", stats)
@@ -333,7 +333,7 @@ def test_a_refused_upload_is_calm(page, tmp_path):
 
 
 def test_clicking_a_sample_photo_encodes_it(page):
-    page.get_by_role("tab", name="Token merging").click()
+    page.get_by_role("tab", name="Merging").click()
     old, stats = src(page, "merge-overlay"), text(page, "merge-stats")
     page.locator("button.gallery-item").nth(0).click()  # the astronaut
     wait_changed(page, "merge-overlay", old, "merge-stats", stats)

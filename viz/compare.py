@@ -90,3 +90,44 @@ def fidelity_plot(curves: dict[str, list[tuple[int, float]]], labels: dict[str, 
     ax.set_title("Which method loses least on this image?")
     ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     return fig
+
+
+@_styled
+def curves_plot(fidelity: dict[str, list[tuple[int, float]]],
+                agreement: dict[str, list[tuple[int, float]]] | None, labels: dict[str, str],
+                current: int, n: int, note: str = "") -> Figure:
+    """Fidelity and task agreement (saliency CC) against output tokens M, side by side.
+
+    ``agreement`` None (no head, or not computed yet) leaves the right panel
+    with ``note`` in it instead. Strategies with one point (adaptive rules) are
+    a marker only. Log x; the current budget marked in both.
+    """
+    fig, (left, right) = _figure(2, width=13.0)
+    fig.set_size_inches(13.0, 5.2)
+    colours = palette(max(len(fidelity), 1)) / 255.0
+    colour_of = dict(zip(fidelity, colours, strict=False))
+    ticks = [t for t in (8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096) if t <= 2 * n]
+    panels = ((left, fidelity, "fidelity (mean best cosine)", "the tokens: fidelity"),
+              (right, agreement, "saliency CC (original vs compressed)", "the task: saliency CC"))
+    for ax, curves, ylabel, title in panels:
+        ax.set_xscale("log")
+        ax.set_xticks(ticks, [str(t) for t in ticks])
+        ax.minorticks_off()
+        ax.set_xlabel(f"output tokens M (of N = {n})")
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.axvline(current, color=ACCENT, linewidth=1.5, linestyle="--")
+        if curves is None:
+            ax.set_xlim(min(ticks), max(ticks))
+            ax.text(0.5, 0.5, note, transform=ax.transAxes, ha="center", va="center", fontsize=11,
+                    wrap=True)
+            continue
+        for name, points in curves.items():
+            ms = [m for m, _ in points]
+            ys = [y for _, y in points]
+            style = {"marker": "o", "markersize": 4 if len(ms) > 1 else 8, "linewidth": 1.8}
+            ax.plot(ms, ys, color=colour_of.get(name, (0.4, 0.4, 0.4)), label=labels.get(name, name),
+                    **style)
+    handles, names = left.get_legend_handles_labels()
+    fig.legend(handles, names, loc="outside right center", frameon=False, fontsize=9)
+    return fig

@@ -267,7 +267,7 @@ def compare_panel(enc: Encoding, budget: int, with_figure: bool = True) -> Panel
         p = strategy_panel(enc, name, budget, display=COMPARE_CELL)
         comps[name] = p.comp
         s = p.stats
-        label = strategy.label
+        label = strategy.short
         tiles.append((f"{strategy.short}  M={s['M']}", p.overlay))
         rows.append([label, s["M"], round(s["ratio"], 2), round(s["fidelity"], 4),
                      s["attention_mass_kept"], round(p.strategy_ms, 1)])
@@ -293,12 +293,31 @@ def compare_panel(enc: Encoding, budget: int, with_figure: bool = True) -> Panel
 
 # --- the seed's claims, on this image -----------------------------------------------------
 
+TASK_KEPT_CC = 0.9  # the seed claims' test: a claim "keeps the task" when the saliency CC is at least this
+
+
 def seed_claims(enc: Encoding) -> list[dict]:
     """The seed document's three claims, run with its own settings on this image.
 
-    Returns rows: claim, setting, what this image gives, and whether the
-    claim holds here. Honest numbers, whatever they are.
+    Returns rows: claim, setting, what this image gives, whether the
+    claim holds here, and ``task``: the saliency head's agreement on the
+    compressed tokens (CC; the task is judged kept at CC >= ``TASK_KEPT_CC``),
+    or why there is no head. Honest numbers, whatever they are.
     """
+    rows = _seed_claim_rows(enc)
+    comps = {str(i): row.pop("comp") for i, row in enumerate(rows)}
+    agreement, reason = task_column(enc, comps)
+    for i, row in enumerate(rows):
+        a = agreement[str(i)]
+        if a is None:
+            row["task"] = f"n/a: {reason}"
+        else:
+            kept = "task kept" if a["cc"] >= TASK_KEPT_CC else "task suffers"
+            row["task"] = f"CC {a['cc']:.3f}: {kept}"
+    return rows
+
+
+def _seed_claim_rows(enc: Encoding) -> list[dict]:
     n = enc.num_patches
     rows = []
     r = resample(enc, 64, init="kmeans")
@@ -308,6 +327,7 @@ def seed_claims(enc: Encoding) -> list[dict]:
         "setting": "64 latents, k-means init (untrained)",
         "here": f"{n} -> {s['M']} ({s['ratio']:.1f}x), fidelity {s['fidelity']:.3f}",
         "holds": "yes (by construction)" if n == 576 else f"{s['ratio']:.1f}x: this image has {n} tokens",
+        "comp": r,
     })
     m = merge_threshold(enc, 0.9)
     fewer = 1 - m.num_out / n
@@ -317,6 +337,7 @@ def seed_claims(enc: Encoding) -> list[dict]:
         "here": f"{n} -> {m.num_out} ({fewer:.0%} fewer), fidelity {summary(enc, m)['fidelity']:.3f}",
         "holds": "yes" if 0.2 <= fewer <= 0.4 else ("more than claimed" if fewer > 0.4 else
                                                    "less than claimed"),
+        "comp": m,
     })
     for ratio in (0.5, 0.25):
         p = prune_attention(enc, ratio) if enc.cls_attn is not None else prune_attention(
@@ -328,7 +349,8 @@ def seed_claims(enc: Encoding) -> list[dict]:
             "setting": f"keep {ratio:.0%} by CLS attention ({1 / ratio:.0f}x)",
             "here": (f"{n} -> {sp['M']}, fidelity {sp['fidelity']:.3f}"
                      + ("" if kept is None else f", keeps {kept:.0%} of CLS attention")),
-            "holds": "ratio yes; loss shown by fidelity",
+            "holds": "ratio yes; loss shown by fidelity and the task",
+            "comp": p,
         })
     return rows
 
@@ -394,3 +416,22 @@ def downstream_view(enc: Encoding, comp: Compression, display: int = DEFAULT_DIS
                             display=display)
     return {"agreement": agreement, "picture": picture, "reason": "", "about": about,
             "ms": (time.perf_counter() - t0) * 1e3}
+
+
+def task_column(enc: Encoding, comps: dict[str, Compression]) -> tuple[dict[str, dict | None], str]:
+    """({name: task agreement or None}, why there is none) for many compressions, the head run
+    once on all of them (a batch)."""
+    import torch
+
+    from compress.downstream import patch_tokens, reference_map
+    from compress.heads import head_status
+
+    head, reason = head_status(enc.model)
+    if head is not None:
+        reason = head.supports(enc)
+    if head is None or reason:
+        return {name: None for name in comps}, reason
+    ref = reference_map(enc, head)
+    names = list(comps)
+    maps = head.run(enc, torch.stack([patch_tokens(enc, comps[n]) for n in names]))
+    return dict(zip(names, head.compare(ref, maps), strict=True)), ""

@@ -1,0 +1,124 @@
+"""The "Inside the ViT" tab: ToMe and EViT pruning within the network's blocks, block by block."""
+
+from __future__ import annotations
+
+import gradio as gr
+
+from compress.cache import shared_encoder
+from compress.inside import EVIT_BLOCKS
+from viz.inside import inside_panel
+
+from .common import LIVE, OVERLAY_H, Details, Tab, Wiring, export_box, guarded, need
+from .source import LIMITS
+
+ID = "inside"
+METHODS = [("ToMe: merge r tokens in every block", "tome"),
+           ("EViT: keep the top by CLS attention at chosen blocks", "prune")]
+TEXT = """**What am I looking at?** Here the compression runs *inside* the network, as the papers
+run it, so it saves compute. *ToMe* (Bolya et al., ICLR 2023) merges r tokens in every block, between
+attention and MLP, by bipartite matching of the keys, with size-weighted averages and proportional
+attention; clusters grow with depth. *EViT* (Liang et al., ICLR 2022) keeps the patches the CLS token
+attends to most at chosen blocks and fuses the rest into one token (or drops them). Move *Show after
+block* to watch the clusters (or kept patches) form. The numbers compare this forward with the plain one
+on the same image: FLOPs, measured time, and what survives at the output (each patch's final token
+against the plain forward's, the CLS token, and the saliency head downstream)."""
+
+
+def stats_md(p) -> str:
+    s = p.stats
+    r = p.comp.params
+    what = (f"r = {r['schedule'][0]} per block" if p.comp.strategy == "tome_inside" else
+            f"keep {r['keep_ratio']:.0%} at blocks {', '.join(str(b + 1) for b in r['blocks'])}"
+            + (", rest fused" if r["fuse"] else ", rest dropped"))
+    merge = "" if s["merge_ms"] is None else (f" · reducing {s['merge_ms']:.0f} ms "
+                                                 f"({s['merge_ms'] / s['forward_ms']:.0%})")
+    cls = "" if s["cls_cosine"] is None else f" · CLS cos **{s['cls_cosine']:.4f}**"
+    dropped = (f" (on the {1 - s['discarded_share']:.0%} still covered)"
+               if s["discarded_share"] else "")
+    return (f"### {s['N']} → {s['M']} tokens at the output ({what})\n"
+            f"after block {s['block']}: {s['tokens_at_block']} tokens · FLOPs **{s['flops_ratio']:.0%}** "
+            f"of the plain forward · forward {s['forward_ms']:.0f} ms vs plain {s['plain_ms']:.0f} ms: "
+            f"**{s['speedup']:.2f}x**{merge}  \n"
+            f"what survives: final patch tokens cos **{s['patch_cosine']:.4f}**{dropped}{cls}")
+
+
+@guarded
+def render(session, method: str, r: int, keep: float, fuse: bool, blocks: list, block: int,
+           with_figure: bool = True):
+    """[overlay, stats] (+ [figure]) for one run inside the network, shown after ``block``."""
+    enc = need(session)
+    encoder = shared_encoder(enc.model, LIMITS.device)
+    if enc.layer != encoder.depth - 1:
+        session.panels.pop(ID, None)
+        out = [None, f"### Inside the network runs all {encoder.depth} blocks\nSet *Block to read "
+                     f"tokens from* to {encoder.depth} (this encoding reads block {enc.layer + 1})."]
+        return out + [None] if with_figure else out
+    p = inside_panel(encoder, enc, method, int(r), float(keep), tuple(sorted(int(b) for b in blocks)),
+                     bool(fuse), int(block), with_figure=with_figure)
+    session.panels[ID] = p
+    out = [p.overlay, stats_md(p)]
+    return out + [p.figure] if with_figure else out
+
+
+def build(w: Wiring) -> Tab:
+    details = Details(ID)
+    with gr.Tab("Inside the ViT", id=ID) as tab:
+        with gr.Row():
+            with gr.Column(scale=3, min_width=420):
+                overlay = gr.Image(label="Tokens after the chosen block (click to inspect the final "
+                                   "token)", format="jpeg", interactive=False, height=OVERLAY_H,
+                                   elem_id="inside-overlay")
+            with gr.Column(scale=2, min_width=300):
+                method = gr.Radio(METHODS, value="tome", label="Method", elem_id="inside-method")
+                r = gr.Slider(0, 288, value=16, step=1, label="ToMe: r merged per block",
+                              elem_id="inside-r")
+                keep = gr.Slider(0.05, 1.0, value=0.7, step=0.01, label="EViT: keep ratio per block",
+                                 elem_id="inside-keep")
+                with gr.Row():
+                    blocks = gr.CheckboxGroup([(str(b + 1), b) for b in range(12)],
+                                              value=list(EVIT_BLOCKS), label="EViT: prune at blocks",
+                                              elem_id="inside-blocks")
+                    fuse = gr.Checkbox(True, label="EViT: fuse the rest into one token",
+                                       elem_id="inside-fuse")
+                block = gr.Slider(1, 12, value=12, step=1, label="Show after block",
+                                  elem_id="inside-block")
+                stats = gr.Markdown(elem_id="inside-stats")
+                details.numbers()
+        details.pictures()
+        plot = gr.Plot(label="Tokens per block", elem_id="inside-plot")
+        gr.Markdown(TEXT)
+        export_box(w, ID)
+
+    inputs = [w.session, method, r, keep, fuse, blocks, block]
+    live = [overlay, stats]
+    full = live + [plot] + details.outputs
+
+    def everything(session, *values):
+        return [*render(session, *values), *details.view(session)]
+
+    # a new setting runs the network (~0.5 s at 336 px on a CPU): on release, never per drag step
+    w.on(r.release, everything, inputs, full, "inside", **LIVE)
+    w.on(keep.release, everything, inputs, full, **LIVE)
+    for ctl in (method, fuse, blocks):
+        w.on(ctl.input, everything, inputs, full, **LIVE)
+    # the block slider only redraws a kept run: live
+    w.on(block.input, lambda *a: render(*a, with_figure=False), inputs, live, "inside_live", **LIVE)
+    w.on(block.release, lambda *a: render(*a), inputs, live + [plot], **LIVE)
+    overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
+                   api_visibility="private", **LIVE)
+
+    def fit(enc, _method, r_value, _keep, _fuse, blocks_value, block_value):
+        n, depth = enc.num_patches, shared_encoder(enc.model, LIMITS.device).depth
+        return [gr.update(maximum=n // 2, value=min(int(r_value), n // 2)),
+                gr.update(choices=[(str(b + 1), b) for b in range(depth)],
+                          value=[b for b in blocks_value if b < depth]),
+                gr.update(maximum=depth, value=min(int(block_value), depth))]
+
+    def quick(session, *values):
+        return render(session, *values, with_figure=False)
+
+    def later(session, *values):
+        return [render(session, *values, with_figure=True)[-1], *details.view(session)]
+
+    return Tab(ID, tab, inputs[1:], live, quick, [r, blocks, block], fit,
+               later=(later, inputs[1:], [plot] + details.outputs))

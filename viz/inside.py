@@ -1,0 +1,178 @@
+"""Pictures of compression inside the network: the clusters (or kept patches) after any block,
+tokens per block, and the numbers of one run against the plain forward.
+
+``inside_panel`` runs (or fetches) one forward with ToMe or EViT pruning
+inside the blocks (``compress.inside``) and draws the state after block
+``block``; runs are kept with the encoding, so the block slider only redraws.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from compress import Encoding
+from compress.inside import (
+    EVIT_BLOCKS,
+    InsideResult,
+    output_agreement,
+    plain_forward,
+    prune_forward,
+    tome_forward,
+)
+
+from .overlay import DEFAULT_DISPLAY, cluster_overlay
+from .panels import Panel
+from .plots import ACCENT, MAIN, _figure, _styled
+
+RUNS_KEPT = 6  # inside runs kept per encoding (each holds its covers)
+
+
+def _memo(enc: Encoding, key, make):
+    runs = enc.memo.setdefault("inside_runs", {})
+    if key not in runs:
+        runs[key] = make()
+        while len(runs) > RUNS_KEPT:
+            runs.pop(next(iter(runs)))
+    return runs[key]
+
+
+def plain_ms(encoder, enc: Encoding) -> float:
+    """The plain forward's time on this encoding's image (median of 3, measured once, kept)."""
+    _warm_up(encoder, "tome")
+
+    def make():
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            plain_forward(encoder, enc.image, enc.size, keep_aspect=True)
+            times.append((time.perf_counter() - t0) * 1e3)
+        return float(np.median(times))
+    if enc.memo.get("inside_plain_ms") is None:
+        enc.memo["inside_plain_ms"] = make()
+    return enc.memo["inside_plain_ms"]
+
+
+_WARM: set = set()
+
+
+def _warm_up(encoder, method: str) -> None:
+    """Run ``method`` once on a tiny image per encoder: the first call of a forward pays one-time
+    costs (allocator, kernels' first use) that would otherwise land in the measured time."""
+    key = (id(encoder), method)
+    if key in _WARM:
+        return
+    from PIL import Image
+
+    tiny = Image.new("RGB", (112, 112), (128, 128, 128))
+    if method == "tome":
+        tome_forward(encoder, tiny, 112, r=4)
+    else:
+        prune_forward(encoder, tiny, 112, keep_ratio=0.5)
+    plain_forward(encoder, tiny, 112)
+    _WARM.add(key)
+
+
+def inside_run(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: float = 0.7,
+               blocks=EVIT_BLOCKS, fuse: bool = True) -> InsideResult:
+    """ToMe (``method="tome"``, ``r`` per block) or EViT pruning (``"prune"``) inside the encoder,
+    on the encoding's image at its size; kept with the encoding."""
+    if enc.layer != encoder.depth - 1:
+        raise ValueError("compression inside the network runs the whole network: choose the last "
+                         f"block (this encoding reads block {enc.layer + 1})")
+    if method in ("tome", "prune"):
+        _warm_up(encoder, method)
+    if method == "tome":
+        key = ("tome", int(r))
+        return _memo(enc, key, lambda: tome_forward(encoder, enc.image, enc.size, r=int(r),
+                                                    keep_aspect=True))
+    if method == "prune":
+        key = ("prune", float(keep_ratio), tuple(blocks), bool(fuse))
+        return _memo(enc, key, lambda: prune_forward(encoder, enc.image, enc.size,
+                                                     keep_ratio=float(keep_ratio),
+                                                     blocks=tuple(blocks), fuse=bool(fuse),
+                                                     keep_aspect=True))
+    raise ValueError(f"method must be 'tome' or 'prune', got {method!r}")
+
+
+@_styled
+def depth_plot(result: InsideResult, block: int) -> Figure:
+    """Tokens per block (and the plain forward's constant count), the shown block marked."""
+    fig, (ax,) = _figure(1)
+    counts = result.counts
+    x = np.arange(len(counts))
+    ax.step(x, [counts[0]] * len(counts), where="post", color="#999999", linewidth=1.5,
+            label="plain forward")
+    ax.step(x, counts, where="post", color=MAIN, linewidth=2.0, label=result.strategy.replace("_", " "))
+    ax.axvline(block, color=ACCENT, linestyle="--", linewidth=1.5)
+    ax.text(block, counts[0] * 0.98, f" after block {block}: {counts[block]}", color=ACCENT,
+            va="top", fontsize=9)
+    ax.set_xlabel("block (0 = the input to block 1)")
+    ax.set_ylabel("patch-side tokens")
+    ax.set_ylim(0, counts[0] * 1.05)
+    ax.set_title(f"FLOPs {result.flops_ratio:.0%} of the plain forward")
+    ax.legend(loc="lower left", frameon=False)
+    return fig
+
+
+def inside_panel(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: float = 0.7,
+                 blocks=EVIT_BLOCKS, fuse: bool = True, block: int | None = None,
+                 with_figure: bool = True, display: int = DEFAULT_DISPLAY) -> Panel:
+    """One inside-the-network run drawn after block ``block`` (default: the last).
+
+    ``stats``: N, M, tokens per block, FLOPs ratio, forward ms, the plain
+    forward's ms and the speedup (both timed in this process), merge ms, and
+    the output agreement (final patch tokens read back through the covers
+    against the plain forward's, CLS cosine).
+    """
+    t0 = time.perf_counter()
+    result = inside_run(encoder, enc, method, r, keep_ratio, blocks, fuse)
+    plain = plain_ms(encoder, enc)
+    t1 = time.perf_counter()
+    depth = len(result.covers)
+    block = depth if block is None else min(max(int(block), 1), depth)
+    labels = result.covers[block - 1].cpu().numpy()
+    overlay = cluster_overlay(enc.image, enc.grid, labels, display=display)
+    figure = depth_plot(result, block) if with_figure else None
+    t2 = time.perf_counter()
+    agree = output_agreement(result, enc)
+    stats = {
+        "N": enc.num_patches, "M": result.compression.num_out, "block": block,
+        "tokens_at_block": int(result.counts[block]), "counts": list(result.counts),
+        "flops_ratio": result.flops_ratio, "forward_ms": result.forward_ms, "plain_ms": plain,
+        "speedup": plain / result.forward_ms, "merge_ms": result.merge_ms,
+        "patch_cosine": agree["patch_cosine"], "cls_cosine": agree["cls_cosine"],
+        "discarded_share": agree["discarded_share"],
+    }
+    return Panel(overlay, result.compression, stats, figure, {"result": result},
+                 strategy_ms=(t1 - t0) * 1e3, draw_ms=(t2 - t1) * 1e3)
+
+
+def inside_at_budget(encoder, enc: Encoding, budget: int) -> dict[str, dict]:
+    """ToMe and EViT pruning inside the network at about ``budget`` final tokens, for Compare.
+
+    r (ToMe, the same every block) and the keep ratio (EViT at its default
+    blocks, fused) are chosen so the final count is nearest ``budget``
+    (``r_for_budget``, ``keep_for_budget``: no network run to find them).
+    Returns {name: {"label", "comp", "setting", "speedup", "forward_ms", "plain_ms"}}.
+    """
+    from compress.inside import keep_for_budget, r_for_budget
+
+    depth = len(encoder.net.blocks)
+    plain = plain_ms(encoder, enc)
+    out = {}
+    r = r_for_budget(enc.grid, budget, depth)
+    keep = keep_for_budget(enc.grid, budget, depth)
+    for name, label, setting, run in (
+        ("tome_inside", "ToMe inside the ViT", f"r = {r} per block",
+         lambda: inside_run(encoder, enc, "tome", r=r)),
+        ("prune_inside", "EViT pruning inside the ViT", f"keep {keep:.2f} at blocks 4, 7, 10",
+         lambda: inside_run(encoder, enc, "prune", keep_ratio=keep)),
+    ):
+        result = run()
+        out[name] = {"label": label, "comp": result.compression, "setting": setting,
+                     "forward_ms": result.forward_ms, "plain_ms": plain,
+                     "speedup": plain / result.forward_ms, "flops_ratio": result.flops_ratio}
+    return out
