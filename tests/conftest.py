@@ -62,3 +62,7 @@ def more_args(strategy: str = "divprune", budget: int = 64) -> list:
     from tabs.more import KNOBS
 
     return [strategy, budget, *(k.default for _, k in KNOBS)]
+
+
+# The "Inside the ViT" tab's inputs: method, r, keep ratio, fuse, EViT blocks, block shown.
+INSIDE = ("tome", 16, 0.7, True, [3, 6, 9], 12)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import more_args
+from conftest import INSIDE, more_args
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -43,9 +43,10 @@ def new_client(url: str) -> Client:
 
 def encode(client: Client, image: str = "coffee.jpg", model: str = "dinov2-s14",
            size: int = 336, layer: int = 12, keep_aspect: bool = False,
-           merge=MERGE, prune=PRUNE, res=RES, more=MORE, compare=(64,)) -> tuple:
+           merge=MERGE, prune=PRUNE, res=RES, more=MORE, inside=INSIDE, compare=(64,)) -> tuple:
     return client.predict(handle_file(str(ASSETS / image)), model, size, layer, keep_aspect,
-                          *merge, *prune, *res, *more, *compare, api_name="/encode")
+                          *merge, *prune, *res, *more, *inside, *compare,
+                          api_name="/encode")
 
 
 def stats_of(out) -> list[str]:
@@ -201,16 +202,20 @@ def test_encode_every_tab_shows_576_in(session):
 def test_encode_images_exist_and_have_the_shown_size(session):
     _, out = session
     imgs = images_of(out)
-    # merge, prune, resampler overlays; latent grid; one latent; more-strategies overlay;
-    # compare grid; features: PCA, norms, neighbour similarity, CLS heads
-    assert len(imgs) == 11, imgs
-    merge, prune, res, grid, single, more, compare, pca, norms, nb, heads = imgs
-    for path in (merge, prune, res, more):
+    # merge, prune, resampler overlays; latent grid; one latent; more methods; inside the ViT;
+    # compare grid; features: PCA, norms, neighbour similarity, CLS heads; then the five
+    # strategy tabs' saliency pictures (original vs compressed tokens, side by side)
+    assert len(imgs) == 17, imgs
+    merge, prune, res, grid, single, more, inside, compare, pca, norms, nb, heads = imgs[:12]
+    for path in (merge, prune, res, more, inside):
         assert_overlay_size(path, 24, 24)
     for path in (pca, norms, nb):
         assert_overlay_size(path, 24, 24, 448)
     cw, ch = size_of(compare)
-    assert cw > ch  # 10 strategies in 2 rows of 5 tiles
+    assert cw > ch  # rows of 5 tiles
+    for pair in imgs[12:]:
+        pw, ph = size_of(pair)
+        assert pw > 2 * DISPLAY // 2 and ph > DISPLAY // 2  # two 336 px maps side by side
     assert_overlay_size(single, 24, 24, DISPLAY // 2)
     gw, gh = size_of(grid)
     assert gw >= 8 * 84 and gh >= gw  # 64 latents: 8 x 8 tiles plus a title banner

@@ -15,7 +15,7 @@ import zlib
 
 import numpy as np
 import pytest
-from conftest import ASSETS, free_port, more_args
+from conftest import ASSETS, INSIDE, free_port, more_args
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 from PIL import Image
@@ -28,7 +28,8 @@ MORE = tuple(more_args("divprune", 64))
 
 def encode(client, path, size=112):
     return client.predict(handle_file(str(path)), "dinov2-s14", size, 12, False, *MERGE, *PRUNE,
-                          16, 2, "kmeans", 0, *more_args("divprune", 16), 16, api_name="/encode")
+                          16, 2, "kmeans", 0, *more_args("divprune", 16), *INSIDE, 16,
+                          api_name="/encode")
 
 
 def png_bytes(img: Image.Image, fmt="PNG", **kw) -> bytes:
@@ -202,7 +203,7 @@ def test_a_hub_model_without_the_hub_names_the_offline_default(app_url):
     with pytest.raises(AppError, match="dinov2-s14.*works offline"):
         client.predict(handle_file(str(ASSETS / "coffee.jpg")), "vit_base_patch16_clip_224.openai",
                        112, 12, False, *MERGE, *PRUNE, 16, 2, "kmeans", 0, *more_args("divprune", 16),
-                       16, api_name="/encode")
+                       *INSIDE, 16, api_name="/encode")
     encode(client, ASSETS / "coffee.jpg")  # the bundled default still works
 
 
@@ -211,7 +212,8 @@ def test_a_file_path_smuggled_into_the_api_is_not_read(app_url):
     import json
 
     data = [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "dinov2-s14", 112, 12,
-            False, *MERGE, *PRUNE, 16, 2, "kmeans", 0, *more_args("divprune", 16), 16]
+            False, *MERGE, *PRUNE, 16, 2, "kmeans", 0, *more_args("divprune", 16), *INSIDE,
+            16]
     req = urllib.request.Request(app_url + "gradio_api/call/encode", method="POST",
                                  data=json.dumps({"data": data}).encode(),
                                  headers={"Content-Type": "application/json"})

@@ -1,0 +1,84 @@
+"""Drawing for the model downstream, the inspector, the curves and the inside-network view."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from viz.compare import curves_plot
+from viz.overlay import QUERY_COLOR, token_overlay
+from viz.saliency import CAPTION_PX, saliency_overlay, saliency_pair
+
+
+def grey(size=(96, 96)) -> Image.Image:
+    return Image.new("RGB", size, (128, 128, 128))
+
+
+def test_saliency_overlay_colours_by_the_absolute_value():
+    sal = torch.zeros(48, 48)
+    sal[:, :24] = 1.0  # the left half salient
+    img = np.asarray(saliency_overlay(grey(), sal, display=96)).astype(int)
+    assert img.shape == (96, 96, 3)
+    left, right = img[:, :40].mean(axis=(0, 1)), img[:, 56:].mean(axis=(0, 1))
+    # inferno: 1 is pale yellow, 0 black; blended 0.6 over grey 128
+    assert left.sum() > right.sum() + 200 and left[0] > 200 and right.max() < 60
+
+
+def test_saliency_pair_is_two_maps_side_by_side_with_titles():
+    a, b = torch.rand(20, 20), torch.rand(20, 20)
+    pair = saliency_pair(grey((120, 60)), a, b, caption="CC 0.5", display=60, gap=6)
+    assert pair.size == (2 * 60 + 3 * 6, 30 + CAPTION_PX + 2 * 6)
+    arr = np.asarray(pair)
+    assert arr[6 + CAPTION_PX:, 6:66].std() > 5 and arr[6 + CAPTION_PX:, 72:132].std() > 5
+
+
+def test_token_overlay_dims_the_rest_and_rings_the_patch():
+    weights = torch.zeros(16)
+    weights[[0, 1, 4, 5]] = 0.25  # the token covers the top-left 2 x 2 patches of a 4 x 4 grid
+    img = np.asarray(token_overlay(grey(), (4, 4), weights, patch=5, display=96)).astype(int)
+    assert img[2:20, 2:20].mean() > img[60:90, 60:90].mean() + 40  # covered clear, the rest dimmed
+    cyan = (np.abs(img - np.array(QUERY_COLOR)).sum(axis=-1) < 60)
+    ys, xs = np.nonzero(cyan)
+    assert len(ys) and abs(ys.mean() - 36) < 8 and abs(xs.mean() - 36) < 8  # ring on patch 5
+    soft = token_overlay(grey(), (4, 4), torch.full((16,), 1 / 16), patch=0, display=96)
+    assert soft.size == (96, 96)  # a row drawing on every patch: a heat map, still ringed
+
+
+def test_curves_plot_draws_both_metrics_or_says_why_not():
+    fid = {"pool": [(16, 0.9), (64, 0.95)], "prumerge": [(99, 0.75)]}
+    cc = {"pool": [(16, 0.7), (64, 0.9)], "prumerge": [(99, 0.6)]}
+    fig = curves_plot(fid, cc, {"pool": "Pooling", "prumerge": "PruMerge"}, 64, 576)
+    assert isinstance(fig, Figure)
+    left, right = fig.axes[:2]
+    assert len(left.lines) == len(right.lines) == 3  # two strategies + the budget marker
+    waiting = curves_plot(fid, None, {}, 64, 576, note="task curve: computing 40%")
+    texts = [t.get_text() for t in waiting.axes[1].texts]
+    assert "task curve: computing 40%" in texts and len(waiting.axes[1].lines) == 1
+
+
+@pytest.fixture(scope="module")
+def small_enc(encoder):
+    return encoder.encode(Image.open("assets/coffee.jpg"), size=224)
+
+
+def test_inside_panel_draws_the_clusters_after_the_chosen_block(encoder, small_enc):
+    from viz.inside import inside_panel
+
+    early = inside_panel(encoder, small_enc, "tome", r=8, block=1)
+    late = inside_panel(encoder, small_enc, "tome", r=8, block=12)
+    assert early.stats["tokens_at_block"] == 256 - 8 and late.stats["tokens_at_block"] == 256 - 96
+    assert late.comp.num_out == 160 and late.stats["M"] == 160
+    assert early.overlay.size == late.overlay.size == (672, 672)
+    assert np.abs(np.asarray(early.overlay, int) - np.asarray(late.overlay, int)).mean() > 1
+    assert 0 < late.stats["flops_ratio"] < 1 and late.stats["speedup"] > 0
+    assert late.stats["patch_cosine"] > 0.9
+    assert isinstance(late.figure, Figure)
+    # the run is kept: moving the block slider does not run the network again
+    assert inside_panel(encoder, small_enc, "tome", r=8, block=6).extra["result"] is \
+        late.extra["result"]
+    with pytest.raises(ValueError, match="last block"):
+        inside_panel(encoder, encoder.encode(Image.open("assets/coffee.jpg"), size=224, layer=5),
+                     "tome", r=8)
