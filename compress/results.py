@@ -217,9 +217,9 @@ def format_summary(summary: pd.DataFrame, metrics: tuple[str, ...] = ("M", "fide
             if math.isnan(mean):
                 cells.append(f"{'-':>28}")
             elif math.isnan(lo):
-                cells.append(f"{mean:>12.3f}{'':16}")
+                cells.append(f"{mean:>10.3f}{'':18}")
             else:
-                cells.append(f"{mean:>12.3f} [{lo:>6.3f}, {hi:>6.3f}]")
+                cells.append(f"{mean:>10.3f} [{lo:>7.3f}, {hi:>7.3f}]")
         lines.append(f"{r['strategy']:18}{budget:>8}{r['n']:>6}" + "".join(cells))
     return "\n".join(lines)
 

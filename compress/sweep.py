@@ -450,7 +450,7 @@ class _Progress:
         if not self.enabled:
             return
         now = time.monotonic()
-        if not final and now - self.last < (0.2 if self.tty else 10.0):
+        if not final and (done >= self.total or now - self.last < (0.2 if self.tty else 10.0)):
             return
         self.last = now
         rate = done / max(now - self.start, 1e-9)

@@ -192,6 +192,29 @@ def test_worst_images_lowest_first_or_highest_for_kl():
         worst_images(df, "pool", budget=32)
 
 
+def test_summary_figure_draws_bands_and_the_adaptive_point(tmp_path):
+    from matplotlib.collections import PolyCollection
+
+    from viz.sweep import summary_figure, write_summary
+
+    two_budgets = hand_results()
+    two_budgets = pd.concat([two_budgets, two_budgets[two_budgets["strategy"] == "pool"].assign(
+        budget=32, M=32, cc=lambda d: d["cc"] + 1)], ignore_index=True)
+    s = summarise(two_budgets)
+    fig = summary_figure(s)
+    assert len(fig.axes) == 2  # CC and fidelity
+    cc_ax = fig.axes[0]
+    assert any(isinstance(c, PolyCollection) for c in cc_ax.collections)  # pooling's CI band
+    legend = cc_ax.get_legend_handles_labels()[1]
+    assert legend == ["Pooling", "PruMerge (own M)"]
+    assert "task agreement" in cc_ax.get_ylabel()
+    no_head = summarise(two_budgets.assign(cc=math.nan))
+    assert len(summary_figure(no_head).axes) == 1  # no head: fidelity only
+    written = write_summary(s, tmp_path / "s.csv", tmp_path / "s.png")
+    assert written == [str(tmp_path / "s.csv"), str(tmp_path / "s.png")]
+    assert len(pd.read_csv(tmp_path / "s.csv")) == 3
+
+
 def test_load_results_clear_errors(tmp_path):
     with pytest.raises(ValueError, match="no results file"):
         load_results(tmp_path / "none.parquet")

@@ -54,7 +54,9 @@ def summary_figure(summary: pd.DataFrame, metrics: tuple[str, ...] = ("cc", "fid
             x = rows["M_mean"].to_numpy(float)
             y, lo, hi = (rows[f"{metric}_{s}"].to_numpy(float) for s in ("mean", "lo", "hi"))
             if len(rows) == 1 and int(rows["budget"].iloc[0]) == ADAPTIVE_BUDGET:
-                xerr = _err(x, rows["M_lo"].to_numpy(float), rows["M_hi"].to_numpy(float))
+                # M >= 1: a t-interval reaching below that would vanish on the log axis
+                m_lo = np.maximum(rows["M_lo"].to_numpy(float), 1.0)
+                xerr = _err(x, m_lo, rows["M_hi"].to_numpy(float))
                 ax.errorbar(x, y, yerr=_err(y, lo, hi), xerr=xerr, color=colour, marker="D",
                             markersize=6, capsize=3, linewidth=1.2, label=f"{label} (own M)")
                 continue
