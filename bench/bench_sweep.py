@@ -23,8 +23,10 @@ Prints Markdown tables; on a shared CPU, read the ratios.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import threading
@@ -64,10 +66,11 @@ def make_images(folder: Path, count: int) -> list[str]:
     return made
 
 
-def rss_mb(pid: int) -> float:
+def hwm_mb(pid: int) -> float:
+    """The peak resident memory (VmHWM) of process ``pid`` in MB; 0 when it is gone."""
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
@@ -80,6 +83,7 @@ class RayMemory:
     def __init__(self, every_s: float = 0.25):
         self.every_s, self.sid = every_s, os.getsid(0)
         self.actors: dict[int, float] = {}
+        self.skip: set[int] = set()  # the benchmark's own child (its driver), not Ray's
         self.before = {pid for pid, _ in self._ours()}  # a previous run's processes, still exiting
         self.others_peak = 0.0
         self._stop = threading.Event()
@@ -94,7 +98,7 @@ class RayMemory:
             except (OSError, ValueError, IndexError):
                 continue
             pid = int(stat.parent.name)
-            old = pid == os.getpid() or pid in getattr(self, "before", ())
+            old = pid == os.getpid() or pid in self.skip or pid in getattr(self, "before", ())
             if not old and ("ray" in cmd or "raylet" in cmd or "gcs_server" in cmd):
                 yield pid, cmd
 
@@ -102,7 +106,7 @@ class RayMemory:
         while not self._stop.is_set():
             others = 0.0
             for pid, cmd in self._ours():
-                mb = rss_mb(pid)
+                mb = hwm_mb(pid)
                 if "MapWorker" in cmd:
                     self.actors[pid] = max(self.actors.get(pid, 0.0), mb)
                 else:
@@ -119,6 +123,37 @@ class RayMemory:
         self._thread.join()
 
 
+def child(spec: dict) -> dict:
+    """One run in this (fresh) process: the plain loop or ``run_sweep``; its numbers as a dict."""
+    settings = spec["settings"]
+    if spec["workers"] == 0:
+        stamps: list[float] = []
+        plain_sweep(spec["folder"], threads=spec["threads"],
+                    progress=lambda _d, _t: stamps.append(time.monotonic()), **settings)
+        return {"steady": (len(stamps) - 1) / (stamps[-1] - stamps[0]), "startup": 0.0,
+                "done": len(stamps), "errors": 0, "hwm": hwm_mb(os.getpid())}
+    report = run_sweep(spec["folder"], spec["out"], workers=spec["workers"],
+                       threads_per_worker=spec["threads"], gpus_per_worker=spec["gpus"], progress=False,
+                       num_cpus=max(2, spec["workers"] * spec["threads"]), **settings)
+    return {"steady": report.steady_images_per_s, "startup": report.startup_s, "done": report.done,
+            "errors": report.errors, "hwm": hwm_mb(os.getpid())}
+
+
+def timed_child(spec: dict) -> tuple[float, dict, list[float], float]:
+    """(wall s from spawn to exit, the child's numbers, peak RSS per actor, Ray's other processes' RSS)."""
+    with RayMemory() as mem:
+        start = time.monotonic()
+        proc = subprocess.Popen([sys.executable, __file__, "--child", json.dumps(spec)], cwd=ROOT,
+                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        mem.skip.add(proc.pid)
+        out, _ = proc.communicate()
+        wall = time.monotonic() - start
+    if proc.returncode != 0:
+        raise RuntimeError(f"the run {spec} failed (rc {proc.returncode}): {out[-2000:]}")
+    result = json.loads(out.strip().splitlines()[-1])
+    return wall, result, sorted(mem.actors.values()), mem.others_peak
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--images", type=int, default=100)
@@ -126,13 +161,18 @@ def main() -> None:
     ap.add_argument("--strategies", default="merge_bipartite,prune_attention")
     ap.add_argument("--budgets", default="64,144")
     ap.add_argument("--gpus-per-worker", type=float, default=0.0)
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.child:
+        print(json.dumps(child(json.loads(args.child))))
+        return
     torch.set_num_threads(2)
     print(header("cuda" if args.gpus_per_worker else "cpu"))
     print(f"\n{args.images} images at {args.size} px; strategies {args.strategies}; budgets {args.budgets}; "
-          f"{os.cpu_count()} CPUs; Ray's runs each start and stop an embedded Ray\n")
+          f"{os.cpu_count()} CPUs; each run in a fresh process, timed from its start to its exit\n")
     settings = {"strategies": args.strategies, "budgets": args.budgets, "size": args.size}
     work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+    runs = [(0, 2), (0, 1), (1, 2), (2, 1)] if not args.gpus_per_worker else [(0, 2), (1, 1)]
     try:
         folder = work / "images"
         folder.mkdir()
@@ -140,49 +180,37 @@ def main() -> None:
         # warm-up (not timed): the weights' cache files into the page cache, as for every later run
         plain_sweep(sorted(map(str, folder.iterdir()))[:2], threads=2, **settings)
         rows = []
-        for threads in (2, 1):
-            stamps: list[float] = []
-            start = time.monotonic()
-            plain_sweep(str(folder), threads=threads,
-                        progress=lambda _d, _t, stamps=stamps: stamps.append(time.monotonic()), **settings)
-            wall = time.monotonic() - start
-            steady = (len(stamps) - 1) / (stamps[-1] - stamps[0])
-            rows.append((f"plain loop, {threads} thread(s)", wall, args.images / wall, steady, 0.0, None,
-                         rss_mb(os.getpid()), 0.0))
-        ray_runs = [(1, 2), (2, 1)]
-        if args.gpus_per_worker:
-            ray_runs = [(1, 1)]
-        for workers, threads in ray_runs:
-            out = work / f"ray_{workers}x{threads}.parquet"
-            with RayMemory() as mem:
-                start = time.monotonic()
-                report = run_sweep(str(folder), out, workers=workers, threads_per_worker=threads,
-                                   gpus_per_worker=args.gpus_per_worker, progress=False,
-                                   num_cpus=max(2, workers * threads), **settings)
-                wall = time.monotonic() - start
-            assert report.done == args.images and report.errors == 0, report
-            rows.append((f"Ray, {workers} worker(s) x {threads} thread(s)", wall, args.images / wall,
-                         report.steady_images_per_s, report.startup_s, sorted(mem.actors.values()),
-                         rss_mb(os.getpid()), mem.others_peak))
+        for workers, threads in runs:
+            spec = {"folder": str(folder), "out": str(work / f"r{workers}x{threads}.parquet"),
+                    "workers": workers, "threads": threads, "gpus": args.gpus_per_worker,
+                    "settings": settings}
+            wall, res, actors, others = timed_child(spec)
+            assert res["done"] == args.images and res["errors"] == 0, res
+            name = (f"plain loop, {threads} thread(s)" if workers == 0
+                    else f"Ray, {workers} worker(s) x {threads} thread(s)")
+            rows.append((name, wall, res, actors if workers else None, others))
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
-    base_wall, base_steady = rows[0][1], rows[0][3]
-    print("| run | wall s | images/s (end to end) | images/s (steady) | Ray start-up s | "
-          "wall vs plain 2 threads | steady vs plain 2 threads |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    for name, wall, rate, steady, startup, *_ in rows:
-        print(f"| {name} | {wall:.1f} | {rate:.2f} | {steady:.2f} | {startup:.1f} | "
-              f"{wall / base_wall:.2f}x | {steady / base_steady:.2f}x |")
-    one = rows[2]
-    print(f"\nRay's overhead over the plain loop at {args.images} images, both on 2 threads "
-          f"(1 worker x 2 threads): {one[1] / base_wall - 1:+.1%} end to end (target <= 15 %), "
-          f"{base_steady / one[3] - 1:+.1%} in the steady state.")
-    print("\n| run | peak RSS per actor (MB) | Ray's other processes (MB, summed) | this process (MB) |")
+    n = args.images
+    base_wall, base_steady = rows[0][1], rows[0][2]["steady"]
+    print("| run | wall s | images/s (end to end) | images/s (steady) | Ray start-up s | fixed cost s | "
+          "wall vs plain 2 threads | steady rate vs plain 2 threads |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, wall, res, _, _ in rows:
+        steady = res["steady"]
+        print(f"| {name} | {wall:.1f} | {n / wall:.2f} | {steady:.2f} | {res['startup']:.1f} | "
+              f"{wall - n / steady:.1f} | {wall / base_wall:.2f}x | {steady / base_steady:.2f}x |")
+    for name, wall, res, _, _ in rows[2:]:
+        print(f"\n{name}: overhead over the plain loop on 2 threads at {n} images "
+              f"{wall / base_wall - 1:+.1%} end to end (target <= 15 %), "
+              f"{base_steady / res['steady'] - 1:+.1%} in the steady state.")
+    print("\nfixed cost: wall - images / steady rate (imports, model loading, Ray's start and stop).")
+    print("\n| run | peak RSS per actor (MB) | Ray's other processes (MB, summed) | driver peak (MB) |")
     print("| --- | --- | ---: | ---: |")
-    for name, _, _, _, _, actors, own, others in rows:
+    for name, _, res, actors, others in rows:
         per = "-" if actors is None else ", ".join(f"{a:.0f}" for a in actors)
-        print(f"| {name} | {per} | {others:.0f} | {own:.0f} |")
+        print(f"| {name} | {per} | {others:.0f} | {res['hwm']:.0f} |")
 
 
 if __name__ == "__main__":
