@@ -499,7 +499,9 @@ def run_sweep(paths: str | Sequence[str], out: str | os.PathLike,
     cluster has GPUs, else 0). ``workers`` defaults to as many as the
     cluster's CPUs (GPUs) hold. Without ``address`` an embedded Ray with
     ``num_cpus`` CPUs (default: this machine's, at least workers x threads)
-    is started and stopped here; with it, the cluster there is joined.
+    is started and stopped here; with it, the cluster there is joined (this
+    package's code is shipped to it; its nodes need the same packages, and
+    the actors open the images by path, so the paths must be readable there).
     Either way a Ray already running in this process is used as it is and
     left running. Rows are written as they come (``ResultsFile``); on an
     exception or KeyboardInterrupt the rows so far are written first.
