@@ -1,8 +1,13 @@
-"""``python -m compress IMAGE``: encode an image and print what each strategy does to it."""
+"""``python -m compress IMAGE``: encode an image and print what each strategy does to it.
+
+``python -m compress sweep DIR_OR_IMAGES --out results.parquet``: every image x strategy x budget on
+Ray Data into a Parquet file, then the summary (``python -m compress sweep --help``).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from PIL import Image
@@ -82,8 +87,95 @@ def print_sweep(enc, model: str) -> None:
           "tenth. Pruned patches take the output with the most similar key.")
 
 
+def sweep_main(argv: list[str]) -> int:
+    """``python -m compress sweep ...``: run ``compress.sweep.run_sweep``, print and save the summary.
+
+    This is the command-line program, not the library: it alone, and only to
+    write the PNG, imports ``viz`` (the library never does); without ``viz``
+    on the path the PNG is skipped with a note.
+    """
+    import signal
+
+    from .sweep import DEFAULT_BATCH, DEFAULT_BUDGETS
+
+    ap = argparse.ArgumentParser(
+        prog="python -m compress sweep",
+        description="Sweep a folder of images (or image files) over strategies and budgets on Ray "
+                    "Data; results go to a Parquet file (one row per image x strategy x budget), "
+                    "re-running with the same --out resumes, and the summary (mean and 95%% CI per "
+                    "strategy and budget) is printed and saved beside it as CSV and PNG.")
+    ap.add_argument("inputs", nargs="+", metavar="DIR_OR_IMAGES",
+                    help="folders (searched recursively for image files) and/or image files")
+    ap.add_argument("--out", required=True, help="results file (.parquet); resumed when it exists")
+    ap.add_argument("--strategies", default="all", help="'all' or a comma list of strategy names")
+    ap.add_argument("--budgets", default=",".join(map(str, DEFAULT_BUDGETS)),
+                    help="comma list of token budgets M (adaptive strategies pick their own)")
+    ap.add_argument("--size", type=int, default=336, help="input size in px (336 -> 576 tokens)")
+    ap.add_argument("--model", default="dinov2-s14", help="bundled 'dinov2-s14' or a timm ViT name")
+    ap.add_argument("--address", default=None,
+                    help="join the Ray cluster at this address (from `ray start --head`); "
+                         "default: an embedded local Ray, started and stopped here")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="actors in the pool (default: as many as the CPUs, or GPUs, hold)")
+    ap.add_argument("--threads-per-worker", type=int, default=1, help="torch threads (Ray CPUs) per actor")
+    ap.add_argument("--gpus-per-worker", type=float, default=None,
+                    help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
+    ap.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="images per actor call")
+    ap.add_argument("--num-cpus", type=int, default=None,
+                    help="CPUs of the embedded Ray (default: this machine's)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    args = ap.parse_args(argv)
+
+    def stop(signum, _frame):  # SIGTERM as Ctrl-C: the rows so far are written before exiting
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        from .results import format_summary, summarise
+        from .sweep import run_sweep
+
+        report = run_sweep(args.inputs, args.out, strategies=args.strategies, budgets=args.budgets,
+                           size=args.size, model=args.model, address=args.address, workers=args.workers,
+                           threads_per_worker=args.threads_per_worker,
+                           gpus_per_worker=args.gpus_per_worker, batch_size=args.batch_size,
+                           progress=not args.no_progress, num_cpus=args.num_cpus)
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the rows so far are in {args.out}; run the same command again to "
+              "finish the sweep", file=sys.stderr)
+        return 130
+    except ImportError as exc:
+        print(f"error: the sweep needs Ray Data ({exc}); install it with "
+              "pip install 'ray[data]==2.60.0'", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RuntimeError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    print(report.line())
+    summary = summarise(args.out)
+    print()
+    print(format_summary(summary))
+    stem = os.path.splitext(args.out)[0]
+    csv_path, png_path = f"{stem}-summary.csv", f"{stem}-summary.png"
+    try:
+        from viz.sweep import write_summary
+    except ImportError:
+        summary.to_csv(csv_path, index=False, float_format="%.6g")
+        written = [csv_path]
+        print("(no PNG: the viz package is not on the path; run from the project's folder)")
+    else:
+        written = write_summary(summary, csv_path, png_path)
+    print("summary: " + ", ".join(written))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m compress", description=__doc__)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["sweep"]:
+        return sweep_main(argv[1:])
+    ap = argparse.ArgumentParser(prog="python -m compress", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("image", help="path of an image file")
     ap.add_argument("--model", default="dinov2-s14", help="bundled 'dinov2-s14' or a timm ViT name")
     ap.add_argument("--size", type=int, default=336, help="input size in px (336 -> 576 tokens)")
