@@ -19,11 +19,22 @@ import torch  # noqa: E402
 
 from compress import BUNDLED_NAME  # noqa: E402
 from compress.cache import set_precision, shared_encoder  # noqa: E402
-from tabs import compare, features, floor, inside, merge, more, prune, resampler, source  # noqa: E402
+from tabs import (  # noqa: E402
+    compare,
+    dataset,
+    features,
+    floor,
+    inside,
+    merge,
+    more,
+    prune,
+    resampler,
+    source,
+)
 from tabs.common import Session, Wiring  # noqa: E402
 
 QUEUE_SIZE = int(os.environ.get("TCE_QUEUE_SIZE", "128"))
-TABS = (merge, prune, resampler, more, inside, compare, features)  # in the order they appear
+TABS = (merge, prune, resampler, more, inside, compare, features, dataset)  # in the order they appear
 
 
 def build() -> gr.Blocks:
@@ -36,9 +47,9 @@ def build() -> gr.Blocks:
             with gr.Column(scale=1, min_width=320):
                 src = source.build(w)
             with gr.Column(scale=2):
-                with gr.Tabs():
+                with gr.Tabs() as box:
                     tabs = [module.build(w) for module in TABS]
-        source.wire(w, src, tabs, demo)
+        source.wire(w, src, tabs, demo, box)
         if os.environ.get("TCE_BENCH_FLOOR") == "1":  # the browser benchmark's transport floor
             floor.build(w)
     demo.queue(default_concurrency_limit=8, max_size=QUEUE_SIZE)
@@ -69,7 +80,11 @@ def main(argv: list[str] | None = None) -> None:
                          "by side, and on a small CPU shared with the browser or other users one "
                          "thread each is several times faster than contended thread pools; 2+ "
                          "speeds up a lone user's encode on an idle machine")
+    ap.add_argument("--dataset-root", action="append", default=None,
+                    help="a folder whose images a sweep's results file may show in the Dataset tab "
+                         "(repeatable; default: the folder the app is started in)")
     args = ap.parse_args(argv)
+    dataset.set_roots(args.dataset_root or [])
     if args.threads < 1:
         ap.error("--threads must be at least 1")
     torch.set_num_threads(args.threads)  # before any worker thread starts: they inherit it

@@ -52,6 +52,8 @@ class Session:
         self.last_image: str | None = None  # the last upload that encoded, shown again after a refusal
         self.inspected: dict[str, int] = {}  # tab id -> the patch its inspector shows
         self.last_args: dict[str, tuple] = {}  # tab id -> its controls' values at the last draw
+        self.dataset = None  # the Dataset tab's opened results (a DataFrame)
+        self.worst: list[str] = []  # the image paths its worst-images gallery shows, in order
         self.lock = threading.Lock()
 
     def __deepcopy__(self, memo):
@@ -125,6 +127,9 @@ class Tab:
     encoding, e.g. a token budget up to N), values clamped into the new range.
     ``later`` is an optional second step, ``(fn(session, *later_inputs) ->
     list, later_inputs, later_outputs)``, run after ``draw`` (a slow picture).
+    ``opener`` lets a tab open a picture in the explorer: ``(trigger, fn)``,
+    ``fn(session, evt)`` returning the image path for the input box and the
+    tab to show; the door runs the encode chain after it.
     """
 
     id: str
@@ -135,6 +140,7 @@ class Tab:
     fitted: list = field(default_factory=list)
     fit: Callable | None = None
     later: tuple | None = None
+    opener: tuple | None = None  # (select trigger, fn(session, evt) -> (image path, gr.Tabs))
 
 
 class Wiring:

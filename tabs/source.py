@@ -157,7 +157,7 @@ def _one(out: list):
     return out[0] if len(out) == 1 else out
 
 
-def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks) -> None:
+def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks, box: gr.Tabs) -> None:
     """The encode chain, the tab switches and the /encode API."""
     session = w.session
     tab_in = [c for t in tabs for c in t.inputs]
@@ -261,6 +261,10 @@ def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks) -> None:
     chain(encoding(src.llava.click(lambda: (336, False), None, [src.size, src.keep_aspect],
                                    api_visibility="private").then))
     chain(encoding(demo.load))
+    for tab in tabs:  # a tab that opens a picture in the explorer (the Dataset tab's worst images)
+        if tab.opener is not None:
+            trigger, fn = tab.opener
+            chain(encoding(trigger(fn, [session], [src.image, box], api_visibility="private").then))
 
     for tab in tabs:
         def on_select(session, *values, tab=tab):
