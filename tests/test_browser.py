@@ -338,3 +338,29 @@ def test_clicking_a_sample_photo_encodes_it(page):
     page.locator("button.gallery-item").nth(0).click()  # the astronaut
     wait_changed(page, "merge-overlay", old, "merge-stats", stats)
     assert "576 tokens" in text(page, "encode-status")
+
+
+def test_dataset_tab_opens_a_worst_image_in_the_explorer(page, tmp_path):
+    from compress.sweep import plain_sweep, write_results
+
+    paths = [str(p) for p in sorted(ASSETS.glob("*.jpg"))]
+    results = tmp_path / "results.parquet"
+    write_results(plain_sweep(paths, ["prune_attention", "pool"], [16, 64], size=112), results)
+    page.get_by_role("tab", name="Dataset").click()
+    page.set_input_files("#dataset-file input[type=file]", str(results))
+    page.wait_for_function("() => document.querySelector('#dataset-note')?.innerText.includes('5 images')")
+    page.wait_for_function("() => document.querySelectorAll('#dataset-worst img').length === 5")
+    assert "task CC" in text(page, "dataset-table") and "[" in text(page, "dataset-table")
+    page.screenshot(path=str(ARTIFACTS / "dataset.png"), full_page=True)
+    worst = page.locator("#dataset-worst img").first
+    name = page.locator("#dataset-worst .caption-label, #dataset-worst figcaption").first.inner_text()
+    old = text(page, "encode-status")
+    worst.click()
+    # the explorer opens on the merging tab with that photo encoded
+    page.wait_for_function("(old) => document.querySelector('#encode-status').innerText !== old",
+                           arg=old)
+    page.wait_for_selector("#merge-overlay img")
+    shown = page.eval_on_selector("#input-image img", "e => e.src")
+    stem = name.split("· ")[-1].split(".")[0].rstrip("…").rstrip(".")
+    assert stem[:4] in shown, (name, shown)
+    assert page.locator("#merge-overlay").is_visible()
