@@ -43,7 +43,15 @@ def zigzag(lo: float, hi: float, n: int, digits: int = 3) -> list:
     return out
 
 
-# slider id, overlay id, stats id, tab, values to step through, target ms, outputs encoded
+# slider id, overlay id, stats id, tab, values to step through, target ms, outputs encoded;
+# RELEASED: the cases that release the slider and wait for more pictures than the overlay
+RELEASED = {
+    # the model downstream follows on release: the saliency pair must land too (target: the live
+    # round trip + 300 ms)
+    "merge-threshold (release: + saliency map)": ["merge-overlay", "merge-task-image"],
+    # release: grid, table and the curves all refreshed
+    "compare-budget": ["compare-grid", "compare-plot"],
+}
 CASES = [
     # the floor: a trivial handler returning one of two fixed 64 px JPEG files (tabs/floor.py)
     ("floor-slider", "floor-image", None, None, list(range(1, 60)), None, ()),
@@ -55,7 +63,8 @@ CASES = [
      zigzag(0.10, 0.80, 40, 2), 150, ("prune",)),
     ("resampler-latents", "resampler-overlay", "resampler-stats", "Resampler",
      zigzag(16, 128, 40, 0), 300, ("resampler", "grid", "single")),
-    # release: grid, table and the fidelity curve all refreshed
+    ("merge-threshold (release: + saliency map)", "merge-overlay", "merge-stats", "Merging",
+     zigzag(0.80, 0.97, 40), 450, ("merge",)),
     ("compare-budget", "compare-grid", "compare-note", "Compare",
      zigzag(24, 200, 40, 0), 1000, ("compare",)),
 ]
@@ -149,10 +158,11 @@ def main() -> None:
                 page.wait_for_selector(f"#{overlay} img")
                 totals, strategy, drawing = [], [], []
                 print(f"{slider}...", file=sys.stderr)
-                release = slider == "compare-budget"
-                waits = [overlay, "compare-plot"] if release else [overlay]
+                release = slider in RELEASED
+                waits = RELEASED.get(slider, [overlay])
+                element = slider.split(" ")[0]
                 for value in values[: (args.steps if not release else 8) + 1]:
-                    ms = page.evaluate(STEP_JS, [slider, waits, value, release])
+                    ms = page.evaluate(STEP_JS, [element, waits, value, release])
                     page.wait_for_timeout(60)  # let the stats line land
                     s, d = split_from_stats(page.inner_text(f"#{stats_id}")) if stats_id else (0, 0)
                     totals.append(ms)

@@ -202,7 +202,7 @@ def test_clicking_the_picture_inspects_the_token_there(page):
                                " !== old", arg=before)
         now = text(page, "more-inspect-text")
         seen.add("dropped" in now)
-        assert "output token" in now or "stands in" in now, now
+        assert "output token" in now or "standing in" in now, now
     assert True in seen  # at 64 of 576 most patches are dropped: a click finds one
     page.screenshot(path=str(ARTIFACTS / "inspector.png"), full_page=True)
 
