@@ -10,6 +10,11 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # before gradio is imported
+# Gradio's queue rebuilds a pandas summary of its last (up to 10,000) events after every request,
+# for a monitoring page this app does not use: its cost grows with the session's age (bench/load_test.py
+# profiled it). Summarise every 1000 events over at most 1000 records instead.
+os.environ.setdefault("GRADIO_ANALYTICS_CACHE_FREQUENCY", "1000")
+os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
@@ -34,6 +39,11 @@ from tabs import (  # noqa: E402
 from tabs.common import Session, Wiring  # noqa: E402
 
 QUEUE_SIZE = int(os.environ.get("TCE_QUEUE_SIZE", "128"))
+# Interactive requests run side by side up to one more than the cores (one torch thread each: the
+# extra one fills the gaps while another waits on Gradio's event loop); more at once only share the
+# same cores and leave encodes (their own group, 2 at a time) less of them. Measured with
+# bench/load_test.py on 2 cores: 3 at once served 7 % more than 2, and 8 far fewer.
+CONCURRENCY = int(os.environ.get("TCE_CONCURRENCY", str((os.cpu_count() or 2) + 1)))
 TABS = (merge, prune, resampler, more, inside, compare, features, dataset)  # in the order they appear
 
 
@@ -52,7 +62,7 @@ def build() -> gr.Blocks:
         source.wire(w, src, tabs, demo, box)
         if os.environ.get("TCE_BENCH_FLOOR") == "1":  # the browser benchmark's transport floor
             floor.build(w)
-    demo.queue(default_concurrency_limit=8, max_size=QUEUE_SIZE)
+    demo.queue(default_concurrency_limit=CONCURRENCY, max_size=QUEUE_SIZE)
     return demo
 
 

@@ -37,6 +37,7 @@ from ._checks import check_choice, check_int, check_real
 from .types import Compression, Encoding
 
 INITS = ("random", "kmeans", "fit")
+KMEANS_KEPT = 64  # k-means centroids kept per encoding (64 x 384 floats for M = 64: 100 kB)
 
 
 class PerceiverAttention(nn.Module):
@@ -65,14 +66,26 @@ class PerceiverAttention(nn.Module):
         out = (attn @ v).transpose(0, 1).reshape(lat.shape[0], -1)
         return self.to_out(out), attn
 
-    def attention(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
-        """The attention map alone, [H, M, N + M] (no values, no output projection)."""
-        x = self.norm_media(x)
+    def keys(self, x: torch.Tensor) -> torch.Tensor:
+        """The keys of rows ``x`` [R, D] (media tokens or latents): [H, R, d]."""
+        inner = self.to_q.weight.shape[0]
+        k = F.linear(x, self.to_kv.weight[:inner])
+        return k.view(k.shape[0], self.heads, -1).transpose(0, 1)
+
+    def media_keys(self, x: torch.Tensor) -> torch.Tensor:
+        """The keys of the media tokens, [H, N, d]: they do not depend on the latents, so a
+        caller moving only the latent count can compute them once."""
+        return self.keys(self.norm_media(x))
+
+    def attention(self, x: torch.Tensor, latents: torch.Tensor,
+                  media_keys: torch.Tensor | None = None) -> torch.Tensor:
+        """The attention map alone, [H, M, N + M] (no values, no output projection).
+
+        ``media_keys``: ``self.media_keys(x)`` computed earlier (the same numbers)."""
         lat = self.norm_latents(latents)
-        h, inner = self.heads, self.to_q.weight.shape[0]
-        q = self.to_q(lat).view(lat.shape[0], h, -1).transpose(0, 1)
-        k = F.linear(torch.cat([x, lat]), self.to_kv.weight[:inner])
-        k = k.view(k.shape[0], h, -1).transpose(0, 1)
+        q = self.to_q(lat).view(lat.shape[0], self.heads, -1).transpose(0, 1)
+        k_media = self.media_keys(x) if media_keys is None else media_keys
+        k = torch.cat([k_media, self.keys(lat)], dim=1)
         return ((q * self.scale) @ k.transpose(-1, -2)).softmax(dim=-1)
 
 
@@ -252,8 +265,9 @@ def resample(
     tokens = enc.tokens.float()
     base = _base_resampler(enc.dim, depth, heads, seed, init != "random", str(tokens.device))
     normed = F.layer_norm(tokens, (enc.dim,))
-    if init in ("kmeans", "fit"):
-        latents, _ = kmeans(normed, num_latents, seed=seed)
+    if init in ("kmeans", "fit"):  # kept per encoding: a slider coming back to a count reuses it
+        latents = enc.remember(("kmeans", num_latents, seed),
+                               lambda: kmeans(normed, num_latents, seed=seed)[0], keep=KMEANS_KEPT)
     else:
         latents = random_latents(num_latents, enc.dim, seed).to(tokens.device)
     model = base
@@ -279,7 +293,15 @@ def resample(
                 if progress is not None:
                     progress(step + 1, steps, losses[-1])
     with torch.no_grad():
-        if model is base:  # run the shared module with this image's latents, without mutating it
+        if model is base and base.zero_residual:
+            # The untrained k-means layout: latents pass unchanged and only attention is computed;
+            # the media keys of every layer are kept with the encoding (a latent slider reuses them).
+            keys = enc.remember(("resampler_keys", depth, heads, seed), lambda: [
+                attn.media_keys(tokens) for attn, _ in base.layers], keep=4)
+            maps = [attn.attention(tokens, latents, k) for (attn, _), k in zip(base.layers, keys,
+                                                                                strict=True)]
+            out = base.norm(latents)
+        elif model is base:  # run the shared module with this image's latents, without mutating it
             params = {**dict(base.named_parameters()), "latents": latents}
             out, maps = torch.func.functional_call(base, params, (tokens,))
         else:

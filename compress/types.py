@@ -50,6 +50,26 @@ class Encoding:
     def num_patches(self) -> int:
         return self.tokens.shape[0]
 
+    def remember(self, key: tuple, make, keep: int | None = None):
+        """``memo[key]``, made by ``make()`` on first use. With ``keep``, at most that many
+        keys of the same family (``key[0]``) stay: the oldest go first."""
+        if key not in self.memo:
+            self.memo[key] = make()
+            if keep is not None:
+                same = [k for k in list(self.memo) if isinstance(k, tuple) and k[:1] == key[:1]]
+                for old in same[:-keep]:
+                    self.memo.pop(old, None)
+        return self.memo[key]
+
+    def unit_tokens(self) -> torch.Tensor:
+        """The patch tokens scaled to unit length, [N, C] float (kept: every metric reads them)."""
+        return self.remember(("unit_tokens",), lambda: torch.nn.functional.normalize(
+            self.tokens.float(), dim=-1))
+
+    def cosine_gram(self) -> torch.Tensor:
+        """Cosine similarity of every pair of patch tokens, [N, N] (kept)."""
+        return self.remember(("cosine_gram",), lambda: self.unit_tokens() @ self.unit_tokens().T)
+
     @property
     def num_prefix(self) -> int:
         return self.prefix.shape[0]

@@ -27,10 +27,13 @@ from viz.panels import Panel, downstream_view, export_json, inspector_view
 
 LOG = logging.getLogger("tce.app")
 OVERLAY_H = 560
-# live updates: only the last value of a drag counts, and no spinner covers the picture
-LIVE = {"trigger_mode": "always_last", "show_progress": "hidden"}
-# internal steps of an event chain: not in the API page, no spinner
-QUIET = {"api_visibility": "undocumented", "show_progress": "hidden"}
+# Live updates: only the last value of a drag counts, no spinner covers the picture, and every
+# interactive handler shares one queue ("live", as many at a time as the app's concurrency limit):
+# Gradio otherwise gives each event its own queue and slots, so slow handlers back up apart from
+# fast ones, and more run at once than there are cores.
+LIVE = {"trigger_mode": "always_last", "show_progress": "hidden", "concurrency_id": "live"}
+# internal steps of an event chain: not in the API page, no spinner, the same shared queue
+QUIET = {"api_visibility": "undocumented", "show_progress": "hidden", "concurrency_id": "live"}
 
 
 class Session:
@@ -141,6 +144,7 @@ class Tab:
     fit: Callable | None = None
     later: tuple | None = None
     opener: tuple | None = None  # (select trigger, fn(session, evt) -> (image path, gr.Tabs))
+    api_later: Callable | None = None  # the later step for /encode, if it must differ (no jobs)
 
 
 class Wiring:

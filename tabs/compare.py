@@ -196,5 +196,9 @@ def build(w: Wiring) -> Tab:
     def later(session, budget):
         return [*slower(session, budget), *curve(session, budget)]
 
+    def api_later(session, budget):  # /encode: no background curves job nobody would poll
+        return [*slower(session, budget), gr.skip(), "curves: drawn when the Compare tab is opened",
+                gr.skip()]
+
     return Tab(ID, tab, [budget], fast, render, [budget], fit,
-               later=(later, [budget], slow + curves))
+               later=(later, [budget], slow + curves), api_later=api_later)

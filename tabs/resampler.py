@@ -19,8 +19,15 @@ shows the raw mechanism, *fit* trains it on this image for a few seconds."""
 
 
 @guarded
+def render_live(session, latents: int, depth: int, init: str, selected: int):
+    """[overlay, stats] while a slider is dragged: the latent maps follow on release."""
+    out = render(session, latents, depth, init, selected, with_figure=False, with_maps=False)
+    return [out[0], out[3]]
+
+
+@guarded
 def render(session, latents: int, depth: int, init: str, selected: int, with_figure: bool = True,
-           progress=None):
+           progress=None, with_maps: bool = True):
     """[overlay, every latent's map, the selected latent's map, stats] (+ [figure])."""
     enc = need(session)
     latents = min(int(latents), enc.num_patches)
@@ -32,12 +39,13 @@ def render(session, latents: int, depth: int, init: str, selected: int, with_fig
         def cb(step, steps, loss):
             progress((step, steps), desc=f"fitting: loss {loss:.4f}")
     p = resampler_panel(enc, latents, int(depth), run_init, 0, int(selected), progress=cb,
-                        with_figure=with_figure)
+                        with_figure=with_figure, with_maps=with_maps)
     session.panels[ID] = p
     extra = f" · {resampler_title(p.comp)}" + note
     if p.comp.extra["loss"]:
         extra += f" · final loss {p.comp.extra['final_loss']:.4f}"
-    out = [p.overlay, p.extra["grid"], p.extra["single"], stats_md(p, extra)]
+    maps = [p.extra["grid"], p.extra["single"]] if with_maps else [gr.skip(), gr.skip()]
+    out = [p.overlay, *maps, stats_md(p, extra)]
     return out + [p.figure] if with_figure else out
 
 
@@ -87,8 +95,7 @@ def build(w: Wiring) -> Tab:
         return [*do_fit(session, latents, depth, selected, progress), *details.view(session)]
 
     for slider in (latents, selected):
-        w.on(slider.input, lambda *a: render(*a, with_figure=False), inputs, live, "resample_live",
-             **LIVE)
+        w.on(slider.input, render_live, inputs, [overlay, stats], "resample_live", **LIVE)
         w.on(slider.release, everything, inputs, full, "resample", **LIVE)
     w.on(depth.release, everything, inputs, full, **LIVE)
     w.on(init.input, everything, inputs, full, **LIVE)

@@ -250,7 +250,7 @@ def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks, box: gr.Tabs)
 
     def encoding(trigger):
         # the first wiring names the step ("upload") for the load test; the rest are unnamed
-        return w.on(trigger, encode_step, enc_in, head_out, "upload", **QUIET, **heavy)
+        return w.on(trigger, encode_step, enc_in, head_out, "upload", **{**QUIET, **heavy})
 
     for trigger in (src.image.input, src.model.change, src.size.release, src.layer.release,
                     src.keep_aspect.change):
@@ -290,6 +290,7 @@ def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks, box: gr.Tabs)
             drawn += draw_tab(session, tab, vals)
             if tab.later is not None:  # the later steps read the same controls as the tab
                 fn, inputs, _ = tab.later
+                fn = tab.api_later or fn
                 got = fn(session, *[vals[tab.inputs.index(c)] for c in inputs])
                 slow += got if isinstance(got, list) else [got]
         return [session, status_md(enc, encoder, cached), gr.skip(),

@@ -24,7 +24,7 @@ from gradio_client.exceptions import AppError
 from PIL import Image
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets"
-DISPLAY = 672  # longest side of every overlay the UI shows
+DISPLAY = 576  # longest side of every overlay the UI shows
 MERGE = ("threshold", 0.9, 144, "mean")  # method, threshold, target, fill
 PRUNE = ("cls", "mean", 0.25, False)  # score, head, keep ratio, heatmap
 RES = (64, 2, "kmeans", 0)  # latents, depth, init, selected latent
@@ -285,13 +285,16 @@ def test_prune_query_rejects_bad_input_and_session_survives(client):
 
 
 def test_resampler_latents_change_numbers_and_picture(client):
-    few = client.predict(16, 2, "kmeans", 0, api_name="/resample_live")
-    many = client.predict(64, 2, "kmeans", 0, api_name="/resample_live")
+    # while dragging: the overlay and the numbers only; the latent maps come on release
+    live = client.predict(16, 2, "kmeans", 0, api_name="/resample_live")
+    assert len(images_of(live)) == 1 and "576 → 16 tokens" in one_stats(live)
+    few = client.predict(16, 2, "kmeans", 0, api_name="/resample")
+    many = client.predict(64, 2, "kmeans", 0, api_name="/resample")
     stats = one_stats(few)
     assert "576 → 16 tokens" in stats
     assert "UNTRAINED" in stats
     assert "576 → 64 tokens" in one_stats(many)
-    (ov16, grid16, single16), (ov64, grid64, _) = images_of(few), images_of(many)
+    (ov16, grid16, single16, *_), (ov64, grid64, *_) = images_of(few), images_of(many)
     assert_overlay_size(ov16, 24, 24)
     assert_overlay_size(single16, 24, 24, DISPLAY // 2)
     assert differ(ov16, ov64)

@@ -60,3 +60,14 @@ def test_unknown_strategy_and_budget(coffee_enc):
         run_at_budget("zip", coffee_enc, 10)
     with pytest.raises(ValueError, match="budget"):
         run_at_budget("resample", coffee_enc, 0)
+
+
+@pytest.mark.parametrize("name", ["prune_attention", "divprune", "random_keep", "cdpruner", "merge_bipartite"])
+def test_fidelity_shortcut_for_selections_gives_the_same_number(coffee_enc, name):
+    """Selections read the kept patch-to-patch cosines; the general formula agrees."""
+    import torch.nn.functional as F
+
+    out = run_at_budget(name, coffee_enc, 64)
+    rep = F.normalize(out.represented(coffee_enc.tokens.float()), dim=-1)
+    unit = F.normalize(coffee_enc.tokens.float(), dim=-1)
+    assert fidelity(coffee_enc, out) == pytest.approx(float((unit @ rep.T).amax(dim=1).mean()), abs=1e-6)

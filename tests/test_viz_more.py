@@ -71,7 +71,7 @@ def test_inside_panel_draws_the_clusters_after_the_chosen_block(encoder, small_e
     late = inside_panel(encoder, small_enc, "tome", r=8, block=12)
     assert early.stats["tokens_at_block"] == 256 - 8 and late.stats["tokens_at_block"] == 256 - 96
     assert late.comp.num_out == 160 and late.stats["M"] == 160
-    assert early.overlay.size == late.overlay.size == (672, 672)
+    assert early.overlay.size == late.overlay.size == (576, 576)
     assert np.abs(np.asarray(early.overlay, int) - np.asarray(late.overlay, int)).mean() > 1
     assert 0 < late.stats["flops_ratio"] < 1 and late.stats["speedup"] > 0
     assert late.stats["patch_cosine"] > 0.9

@@ -1,7 +1,7 @@
 """Pictures of token compression: overlays on the image and matplotlib figures.
 
     >>> from viz import draw_compression, heatmap_grid, similarity_plot
-    >>> img = draw_compression(enc, merge_threshold(enc, 0.9))   # PIL RGB, 672 px
+    >>> img = draw_compression(enc, merge_threshold(enc, 0.9))   # PIL RGB, 576 px
 
 Overlays return RGB ``PIL.Image``s; plots return ``matplotlib.figure.Figure``s.
 Nothing here imports Gradio.

@@ -147,8 +147,9 @@ def resampler_title(comp: Compression) -> str:
 
 def resampler_panel(enc: Encoding, num_latents: int = 64, depth: int = 2, init: str = "kmeans",
                     seed: int = 0, selected: int = 0, progress=None, with_figure: bool = True,
-                    display: int = DEFAULT_DISPLAY) -> Panel:
-    """Perceiver Resampler: patches coloured by their strongest latent, plus per-latent maps."""
+                    display: int = DEFAULT_DISPLAY, with_maps: bool = True) -> Panel:
+    """Perceiver Resampler: patches coloured by their strongest latent, plus per-latent maps
+    (``extra["grid"]``, ``extra["single"]``; None without ``with_maps``: a slider being dragged)."""
     t0 = time.perf_counter()
     if init == "fit":  # seconds of work: keep the last few results for this encoding
         comp = _memo(enc, fit_key(num_latents, depth, seed),
@@ -160,12 +161,14 @@ def resampler_panel(enc: Encoding, num_latents: int = 64, depth: int = 2, init: 
     selected = min(max(0, int(selected)), comp.num_out - 1)
     title = resampler_title(comp)
     overlay = latent_overlay(enc.image, enc.grid, comp.assign, display=display)
-    shown = comp.assign[:64]
-    if comp.num_out > 64:
-        title += f" - first 64 of {comp.num_out}"
-    grid_img = heatmap_grid(enc.image, enc.grid, shown, cols=8, cell=84, title=title,
-                            highlight=selected if selected < 64 else None)
-    single = heatmap_overlay(enc.image, enc.grid, comp.assign[selected], display=display // 2)
+    grid_img = single = None
+    if with_maps:
+        shown = comp.assign[:64]
+        if comp.num_out > 64:
+            title += f" - first 64 of {comp.num_out}"
+        grid_img = heatmap_grid(enc.image, enc.grid, shown, cols=8, cell=84, title=title,
+                                highlight=selected if selected < 64 else None)
+        single = heatmap_overlay(enc.image, enc.grid, comp.assign[selected], display=display // 2)
     figure = None
     if with_figure:
         figure = resampler_plot(comp.assign, comp.extra["loss"], comp.extra["trained"])
