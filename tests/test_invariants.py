@@ -62,7 +62,8 @@ def test_unknown_strategy_and_budget(coffee_enc):
         run_at_budget("resample", coffee_enc, 0)
 
 
-@pytest.mark.parametrize("name", ["prune_attention", "divprune", "random_keep", "cdpruner", "merge_bipartite"])
+@pytest.mark.parametrize("name", ["prune_attention", "divprune", "random_keep", "cdpruner",
+                                  "merge_bipartite"])
 def test_fidelity_shortcut_for_selections_gives_the_same_number(coffee_enc, name):
     """Selections read the kept patch-to-patch cosines; the general formula agrees."""
     import torch.nn.functional as F
