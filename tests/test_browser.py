@@ -194,12 +194,13 @@ def test_clicking_the_picture_inspects_the_token_there(page):
     page.get_by_role("tab", name="More methods").click()
     page.locator("#more-strategy label", has_text="DivPrune").click()
     page.wait_for_function("() => document.querySelector('#more-stats').innerText.includes('DivPrune')")
+    settle(page, "more-overlay", "more-stats", "more-inspect-text")  # the choice's own updates land
     seen = set()
     for fx, fy in ((0.1, 0.1), (0.3, 0.6), (0.55, 0.45), (0.9, 0.9), (0.7, 0.2)):
         before = text(page, "more-inspect-text")
         click_at(page, "more-overlay", fx, fy)
-        page.wait_for_function("(old) => document.querySelector('#more-inspect-text').innerText"
-                               " !== old", arg=before)
+        page.wait_for_function("(old) => { const t = document.querySelector('#more-inspect-text')"
+                               ".innerText; return t !== old && t.includes('patch ('); }", arg=before)
         now = text(page, "more-inspect-text")
         seen.add("dropped" in now)
         assert "output token" in now or "standing in" in now, now
