@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup setup-test run demo test bench bench-app lint chromium clean
+.PHONY: setup setup-test run demo test bench bench-app bench-all lint chromium clean
 
 setup: $(STAMP)
 
@@ -42,6 +42,17 @@ bench: setup-test
 
 bench-app: setup-test
 	$(PY) bench/bench_app.py
+
+# every benchmark, one after another (about 30 minutes on 2 cores); each prints its own table
+bench-all: setup-test
+	$(PY) bench/bench_core.py
+	$(PY) bench/bench_head.py
+	$(PY) bench/bench_inside.py
+	$(PY) bench/bench_app.py
+	$(PY) bench/load_test.py --sessions 16 --seconds 60
+	$(PY) bench/bench_sweep.py
+	$(PY) bench/agreement_table.py
+	$(PY) bench/inside_agreement.py
 
 lint: setup-test
 	$(VENV)/bin/ruff check .
