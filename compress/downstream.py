@@ -26,10 +26,11 @@ DROPPED = ("key", "position", "zero", "mean")
 # positions) has there. "key" picks with the dropped patch's own key, which such a model never gets:
 # on the five sample photos it lifts CLS pruning's saliency CC at M = 64 from 0.27 to 0.90.
 DEFAULT_DROPPED = "position"
-# Maps per head forward in the sweep. In the sweep on a shared 2-thread AVX2 CPU, batches of 8 took
-# 0.57-0.65x the head time per map of single maps (two runs of bench/bench_head.py, noisy); on a GPU a
-# batch fills the device better still. Memory stays bounded: ``SaliencyHead`` splits big batches.
-SWEEP_BATCH = 8
+# Maps per head forward in the sweep, by device. On a quiet 2-thread AVX2 CPU single maps were the
+# fastest (bench/bench_head.py: 55 ms per map against 74 in batches of 8; an earlier run on a loaded
+# CPU had favoured batches); on a GPU a batch fills the device. Memory stays bounded:
+# ``SaliencyHead`` splits big batches.
+SWEEP_BATCH = {"cpu": 1, "cuda": 8}
 
 
 def output_vectors(enc: Encoding, comp: Compression) -> torch.Tensor:
@@ -154,7 +155,7 @@ def agreement_sweep(
     names: list[str] | None = None,
     progress: Callable[[int, int], None] | None = None,
     dropped: str = DEFAULT_DROPPED,
-    batch: int = SWEEP_BATCH,
+    batch: int | None = None,
 ) -> dict[str, list[tuple[int, dict[str, float]]]] | None:
     """Task agreement against the actual output count M for every strategy over a sweep of budgets.
 
@@ -162,14 +163,15 @@ def agreement_sweep(
     the same budgets (``sweep_budgets``) and points as ``fidelity_sweep``:
     adaptive strategies give one point, and when two budgets give the same M
     the later one's compression is kept. None when there is no usable head.
-    The head runs on ``batch`` maps at a time. ``progress(done, total)`` is
+    The head runs on ``batch`` maps at a time (default: ``SWEEP_BATCH`` for
+    the encoding's device). ``progress(done, total)`` is
     called as work finishes: one unit per compression, one per map. Cached
     in ``enc.memo``.
     """
     if not _usable(enc, head):
         return None
     check_choice("dropped", dropped, DROPPED)
-    batch = check_int("batch", batch, 1, 1024)
+    batch = SWEEP_BATCH.get(enc.device.type, 8) if batch is None else check_int("batch", batch, 1, 1024)
     budgets = budgets or sweep_budgets(enc.num_patches)
     names = names or list(STRATEGIES)
     for name in names:

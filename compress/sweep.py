@@ -185,7 +185,7 @@ def sweep_rows(encoder, head, image_path: str, strategies: Sequence[str], budget
             grids.append(patch_tokens(enc, comp))
     if grids:
         ref = reference_map(enc, head)
-        step = batch or SWEEP_BATCH
+        step = batch or SWEEP_BATCH.get(enc.device.type, 8)
         for start in range(0, len(grids), step):
             maps = head.run(enc, torch.stack(grids[start:start + step]))
             for row, agreement in zip(rows[start:start + step], head.compare(ref, maps), strict=True):
