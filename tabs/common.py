@@ -31,9 +31,24 @@ OVERLAY_H = 560
 # interactive handler shares one queue ("live", as many at a time as the app's concurrency limit):
 # Gradio otherwise gives each event its own queue and slots, so slow handlers back up apart from
 # fast ones, and more run at once than there are cores.
-LIVE = {"trigger_mode": "always_last", "show_progress": "hidden", "concurrency_id": "live"}
+# NO_TARGETS: an event without a spinner names no progress targets either. Gradio's page refreshes
+# the loading state of every component any event targets, on every status change of any event:
+# with all outputs as targets (the default) that cost ~100 ms of the browser's CPU per update on
+# 2 AVX2 cores (bench/bench_app.py's floor: 122 ms -> ~50 ms without them).
+NO_TARGETS = {"show_progress": "hidden", "show_progress_on": ()}
+LIVE = {"trigger_mode": "always_last", **NO_TARGETS, "concurrency_id": "live"}
 # internal steps of an event chain: not in the API page, no spinner, the same shared queue
-QUIET = {"api_visibility": "undocumented", "show_progress": "hidden", "concurrency_id": "live"}
+QUIET = {"api_visibility": "undocumented", **NO_TARGETS, "concurrency_id": "live"}
+
+
+def then_figure(w, first, figure, inputs, plot) -> None:
+    """Chain ``figure`` (inputs -> the tab's matplotlib figure) after the event ``first``.
+
+    A released slider first brings the overlay, the numbers and the model downstream; the figure
+    (matplotlib, then a PNG for the page: the slowest picture of a tab) follows as its own step, so
+    the saliency map does not wait for it.
+    """
+    w.on(first.then, figure, inputs, [plot], **QUIET)
 
 
 class Session:
@@ -207,10 +222,9 @@ class Inspector:
     def __init__(self, tab: str):
         self.tab = tab
         with gr.Accordion("Token inspector: click the picture", open=True):
-            with gr.Row():
-                self.text = gr.Markdown(INSPECT_HINT, elem_id=f"{tab}-inspect-text")
-                self.image = gr.Image(label="The selected token", format="jpeg", interactive=False,
-                                      height=260, elem_id=f"{tab}-inspect-image", visible=False)
+            self.text = gr.Markdown(INSPECT_HINT, elem_id=f"{tab}-inspect-text")
+            self.image = gr.Image(label="The selected token", format="jpeg", interactive=False,
+                                  height=240, elem_id=f"{tab}-inspect-image", visible=False)
 
     @property
     def outputs(self) -> list:
@@ -237,8 +251,8 @@ class Inspector:
 class Details:
     """What follows a tab's overlay once a slider is released: the model downstream (a trained
     saliency head on the compressed tokens: its numbers beside fidelity, its map beside the
-    original's) and the token inspector. Built in two places of the tab's layout:
-    ``numbers()`` under the stats, ``pictures()`` below the overlay row."""
+    original's) and the token inspector. Built in three places of the tab's layout: ``numbers()``
+    under the stats, ``picture()`` under the overlay, ``inspect()`` in the controls' column."""
 
     def __init__(self, tab: str):
         self.tab = tab
@@ -249,16 +263,17 @@ class Details:
     def numbers(self) -> None:
         self.text = gr.Markdown(elem_id=f"{self.tab}-task-text")
 
-    def pictures(self) -> None:
-        with gr.Row(equal_height=False):
-            with gr.Column(scale=3, min_width=420):
-                self.image = gr.Image(label="The model downstream: saliency from the original vs "
-                                      "the compressed tokens", format="jpeg", interactive=False,
-                                      elem_id=f"{self.tab}-task-image")
-                with gr.Accordion("What is the model downstream?", open=False):
-                    gr.Markdown(TASK_ABOUT)
-            with gr.Column(scale=2, min_width=300):
-                self.inspector = Inspector(self.tab)
+    def picture(self) -> None:
+        """The saliency pair and what it is: under the overlay, in the overlay's column."""
+        self.image = gr.Image(label="The model downstream: saliency from the original vs the "
+                              "compressed tokens", format="jpeg", interactive=False,
+                              elem_id=f"{self.tab}-task-image")
+        with gr.Accordion("What is the model downstream?", open=False):
+            gr.Markdown(TASK_ABOUT)
+
+    def inspect(self) -> None:
+        """The token inspector: in the controls' column, so it sits beside the picture it reads."""
+        self.inspector = Inspector(self.tab)
 
     @property
     def outputs(self) -> list:

@@ -21,7 +21,7 @@ from viz.compare import curves_plot
 from viz.inside import inside_at_budget
 from viz.panels import compare_panel, seed_claims, task_column
 
-from .common import LIVE, QUIET, Tab, Wiring, guarded, need
+from .common import LIVE, NO_TARGETS, QUIET, Tab, Wiring, guarded, need
 from .jobs import JOBS
 from .source import LIMITS
 
@@ -95,8 +95,8 @@ def slower(session, budget: int):
         s["ms"] = row["forward_ms"]
         rows.append(_row(f"{row['label']} ({row['setting']})", s, task[name],
                          f"{row['speedup']:.2f}x (FLOPs {row['flops_ratio']:.0%})"))
-    note = (f"budget M = {budget} of N = {enc.num_patches}"
-            + (f" · task CC n/a: {reason}" if reason else "")
+    note = (f"budget M = {budget} of N = {enc.num_patches} · {len(p.extra['comps'])} strategies in "
+            f"{p.extra['total_ms']:.0f} ms" + (f" · task CC n/a: {reason}" if reason else "")
             + extra_note)
     if inside:
         plain = next(iter(inside.values()))["plain_ms"]
@@ -187,7 +187,7 @@ def build(w: Wiring) -> Tab:
     released = w.on(budget.release, render, [w.session, budget], fast, **LIVE)
     released = w.on(released.then, slower, [w.session, budget], slow, "compare", **QUIET)
     w.on(released.then, curve, [w.session, budget], curves, **QUIET)
-    timer.tick(poll, [w.session, budget], curves, api_visibility="private", show_progress="hidden")
+    timer.tick(poll, [w.session, budget], curves, api_visibility="private", **NO_TARGETS)
 
     def fit(enc, budget):
         n = enc.num_patches

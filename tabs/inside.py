@@ -68,6 +68,7 @@ def build(w: Wiring) -> Tab:
                 overlay = gr.Image(label="Tokens after the chosen block (click to inspect the final "
                                    "token)", format="jpeg", interactive=False, height=OVERLAY_H,
                                    elem_id="inside-overlay")
+                details.picture()
             with gr.Column(scale=2, min_width=300):
                 method = gr.Radio(METHODS, value="tome", label="Method", elem_id="inside-method")
                 r = gr.Slider(0, 288, value=16, step=1, label="ToMe: r merged per block",
@@ -84,7 +85,7 @@ def build(w: Wiring) -> Tab:
                                   elem_id="inside-block")
                 stats = gr.Markdown(elem_id="inside-stats")
                 details.numbers()
-        details.pictures()
+                details.inspect()
         plot = gr.Plot(label="Tokens per block", elem_id="inside-plot")
         gr.Markdown(TEXT)
         export_box(w, ID)

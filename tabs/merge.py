@@ -6,7 +6,18 @@ import gradio as gr
 
 from viz.panels import merge_panel
 
-from .common import LIVE, OVERLAY_H, Details, Tab, Wiring, export_box, guarded, need, stats_md
+from .common import (
+    LIVE,
+    OVERLAY_H,
+    Details,
+    Tab,
+    Wiring,
+    export_box,
+    guarded,
+    need,
+    stats_md,
+    then_figure,
+)
 
 ID = "merge"
 METHODS = [("adjacent threshold", "threshold"), ("ToMe bipartite", "tome")]
@@ -37,6 +48,7 @@ def build(w: Wiring) -> Tab:
             with gr.Column(scale=3, min_width=420):
                 overlay = gr.Image(label="Merged clusters (click to inspect a token)", format="jpeg",
                                    interactive=False, height=OVERLAY_H, elem_id="merge-overlay")
+                details.picture()
             with gr.Column(scale=2, min_width=300):
                 method = gr.Radio(METHODS, value="threshold", label="Method", elem_id="merge-method")
                 threshold = gr.Slider(0.0, 1.0, value=0.9, step=0.005, label="Threshold (adjacent)",
@@ -46,32 +58,42 @@ def build(w: Wiring) -> Tab:
                 fill = gr.Radio(FILLS, value="mean", label="Fill", elem_id="merge-fill")
                 stats = gr.Markdown(elem_id="merge-stats")
                 details.numbers()
+                details.inspect()
                 gr.Markdown(TEXT)
-        details.pictures()
         plot = gr.Plot(label="Similarities", elem_id="merge-plot")
         export_box(w, ID)
         api_only = gr.Button(visible=False)  # the /merge_live endpoint (below)
+        api_full = gr.Button(visible=False)  # the /merge endpoint: everything in one call
 
     inputs = [w.session, method, threshold, target, fill]
     live = [overlay, stats]
     full = live + [plot] + details.outputs
 
-    def by(chosen: str, with_figure: bool):
+    def by(chosen: str, with_details: bool):
         # the slider a user touches picks the method it belongs to
         def fn(session, _method, threshold, target, fill):
-            out = render(session, chosen, threshold, target, fill, with_figure)
+            out = render(session, chosen, threshold, target, fill, with_figure=False)
             return [gr.skip() if _method == chosen else chosen, *out,
-                    *(details.view(session) if with_figure else [])]
+                    *(details.view(session) if with_details else [])]
         return fn
 
     def everything(session, *values):
         return [*render(session, *values), *details.view(session)]
 
+    def first(session, *values):
+        return [*render(session, *values, with_figure=False), *details.view(session)]
+
+    def figure(session, *values):
+        return render(session, *values)[-1]
+
+    w.on(api_full.click, everything, inputs, full, "merge", **LIVE)
     for slider, chosen in ((threshold, "threshold"), (target, "tome")):
         w.on(slider.input, by(chosen, False), inputs, [method] + live, **LIVE)
-        w.on(slider.release, by(chosen, True), inputs, [method] + full, **LIVE)
+        then_figure(w, w.on(slider.release, by(chosen, True), inputs,
+                            [method] + live + details.outputs, **LIVE), figure, inputs, plot)
     for ctl in (method, fill):
-        w.on(ctl.input, everything, inputs, full, "merge", **LIVE)
+        then_figure(w, w.on(ctl.input, first, inputs, live + details.outputs, **LIVE), figure,
+                    inputs, plot)
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
                    api_visibility="private", **LIVE)
     # API-only: the live update with the method it is given (the UI's sliders pick theirs)

@@ -13,6 +13,7 @@ from viz.panels import strategy_panel
 
 from .common import (
     LIVE,
+    NO_TARGETS,
     OVERLAY_H,
     Details,
     Tab,
@@ -86,6 +87,7 @@ def build(w: Wiring) -> Tab:
                 overlay = gr.Image(label="Result (click to inspect a token)", format="jpeg",
                                    interactive=False,
                                    height=OVERLAY_H, elem_id="more-overlay")
+                details.picture()
             with gr.Column(scale=2, min_width=300):
                 choice = gr.Radio([(STRATEGIES[k].label, k) for k in NAMES], value=DEFAULT,
                                   label="Strategy", elem_id="more-strategy")
@@ -94,8 +96,8 @@ def build(w: Wiring) -> Tab:
                 knobs = [_control(name, knob) for name, knob in KNOBS]
                 stats = gr.Markdown(elem_id="more-stats")
                 details.numbers()
+                details.inspect()
                 gr.Markdown(TEXT)
-        details.pictures()
         export_box(w, ID)
 
     inputs = [w.session, choice, budget, *knobs]
@@ -132,7 +134,7 @@ def build(w: Wiring) -> Tab:
         return [gr.update(visible=owner == name) for owner, _ in KNOBS]
 
     if knobs:
-        choice.change(show_knobs, choice, knobs, api_visibility="private", show_progress="hidden")
+        choice.change(show_knobs, choice, knobs, api_visibility="private", **NO_TARGETS)
 
     def fit(enc, _name, budget, *_knobs):
         n = enc.num_patches

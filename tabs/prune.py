@@ -17,6 +17,7 @@ from .common import (
     need,
     patch_at,
     stats_md,
+    then_figure,
 )
 
 ID = "prune"
@@ -75,6 +76,7 @@ def build(w: Wiring) -> Tab:
                 overlay = gr.Image(label="Kept patches (click: inspect, or move the query)",
                                    format="jpeg",
                                    interactive=False, height=OVERLAY_H, elem_id="prune-overlay")
+                details.picture()
             with gr.Column(scale=2, min_width=300):
                 score = gr.Radio(SCORES, value="cls", label="Score", elem_id="prune-score")
                 with gr.Row():
@@ -87,10 +89,11 @@ def build(w: Wiring) -> Tab:
                                    elem_id="prune-query")
                 stats = gr.Markdown(elem_id="prune-stats")
                 details.numbers()
+                details.inspect()
                 gr.Markdown(TEXT)
-        details.pictures()
         plot = gr.Plot(label="Scores", elem_id="prune-plot")
         export_box(w, ID)
+        api_full = gr.Button(visible=False)  # the /prune endpoint: everything in one call
 
     inputs = [w.session, score, head, keep, heat]
     live = [overlay, stats]
@@ -110,9 +113,16 @@ def build(w: Wiring) -> Tab:
         return ["query", *render(session, "query", head, keep, heatmap), *details.view(session)]
 
     w.on(keep.input, lambda *a: render(*a, with_figure=False), inputs, live, "prune_live", **LIVE)
-    w.on(keep.release, everything, inputs, full, "prune", **LIVE)
-    for ctl in (score, head, heat):
-        w.on(ctl.input, everything, inputs, full, **LIVE)
+    def first(session, *values):
+        return [*render(session, *values, with_figure=False), *details.view(session)]
+
+    def figure(session, *values):
+        return render(session, *values)[-1]
+
+    w.on(api_full.click, everything, inputs, full, "prune", **LIVE)
+    for trigger in (keep.release, score.input, head.input, heat.input):
+        then_figure(w, w.on(trigger, first, inputs, live + details.outputs, **LIVE), figure, inputs,
+                    plot)
     overlay.select(click, inputs, [score] + full, api_visibility="private", **LIVE)
     w.on(query.submit, lambda *a: do_query(*a, details=details), inputs + [query],
          [score] + full, "prune_query", **LIVE)

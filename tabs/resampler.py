@@ -6,7 +6,18 @@ import gradio as gr
 
 from viz.panels import has_fit, resampler_panel, resampler_title
 
-from .common import LIVE, OVERLAY_H, Details, Tab, Wiring, export_box, guarded, need, stats_md
+from .common import (
+    LIVE,
+    OVERLAY_H,
+    Details,
+    Tab,
+    Wiring,
+    export_box,
+    guarded,
+    need,
+    stats_md,
+    then_figure,
+)
 
 ID = "resampler"
 INITS = [("k-means", "kmeans"), ("random", "random"), ("fit", "fit")]
@@ -62,6 +73,7 @@ def build(w: Wiring) -> Tab:
             with gr.Column(scale=3, min_width=420):
                 overlay = gr.Image(label="Patch -> strongest latent (click to inspect)", format="jpeg",
                                    interactive=False, height=OVERLAY_H, elem_id="resampler-overlay")
+                details.picture()
             with gr.Column(scale=2, min_width=300):
                 latents = gr.Slider(1, 576, value=64, step=1, label="Latents",
                                     elem_id="resampler-latents")
@@ -76,12 +88,13 @@ def build(w: Wiring) -> Tab:
                                      elem_id="resampler-selected")
                 single = gr.Image(label="Selected latent's attention", format="jpeg",
                                   interactive=False, height=260, elem_id="resampler-single")
+                details.inspect()
         gr.Markdown(TEXT)
         grid = gr.Image(label="Every latent's attention (small multiples)", format="jpeg",
                         interactive=False, show_label=False, elem_id="resampler-grid")
-        details.pictures()
         plot = gr.Plot(label="Latents", elem_id="resampler-plot")
         export_box(w, ID)
+        api_full = gr.Button(visible=False)  # the /resample endpoint: everything in one call
 
     inputs = [w.session, latents, depth, init, selected]
     live = [overlay, grid, single, stats]
@@ -94,11 +107,18 @@ def build(w: Wiring) -> Tab:
     def fitted(session, latents, depth, selected, progress=gr.Progress()):  # noqa: B008
         return [*do_fit(session, latents, depth, selected, progress), *details.view(session)]
 
+    def first(session, *values):
+        return [*render(session, *values, with_figure=False), *details.view(session)]
+
+    def figure(session, *values):
+        return render(session, *values)[-1]
+
+    w.on(api_full.click, everything, inputs, full, "resample", **LIVE)
     for slider in (latents, selected):
         w.on(slider.input, render_live, inputs, [overlay, stats], "resample_live", **LIVE)
-        w.on(slider.release, everything, inputs, full, "resample", **LIVE)
-    w.on(depth.release, everything, inputs, full, **LIVE)
-    w.on(init.input, everything, inputs, full, **LIVE)
+    for trigger in (latents.release, selected.release, depth.release, init.input):
+        then_figure(w, w.on(trigger, first, inputs, live + details.outputs, **LIVE), figure, inputs,
+                    plot)
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
                    api_visibility="private", **LIVE)
     w.on(fit_button.click, fitted, [w.session, latents, depth, selected], full, "fit",

@@ -17,7 +17,7 @@ import gradio as gr
 from compress import BUNDLED_NAME, ImageError, WeightsUnavailable, device_label, load_image
 from compress.cache import image_digest, shared_encoder
 
-from .common import LOG, QUIET, Session, Tab, Wiring, guarded
+from .common import LOG, NO_TARGETS, QUIET, Session, Tab, Wiring, guarded
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "assets"
@@ -259,7 +259,7 @@ def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks, box: gr.Tabs)
     # and a sample photo is loaded by the examples' own click event
     chain(encoding(src.examples.load_input_event.then))
     chain(encoding(src.llava.click(lambda: (336, False), None, [src.size, src.keep_aspect],
-                                   api_visibility="private").then))
+                                   api_visibility="private", **NO_TARGETS).then))
     chain(encoding(demo.load))
     for tab in tabs:  # a tab that opens a picture in the explorer (the Dataset tab's worst images)
         if tab.opener is not None:
@@ -298,4 +298,5 @@ def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks, box: gr.Tabs)
                 *_fitted(enc, tabs, values), *drawn, *slow]
 
     api = gr.Button(visible=False)
-    api.click(encode_api, enc_in, head_out + tab_out + later_out, api_name="encode", **heavy)
+    api.click(encode_api, enc_in, head_out + tab_out + later_out, api_name="encode", **NO_TARGETS,
+              **heavy)
