@@ -97,8 +97,9 @@ STEP_JS = """
   obs.observe(document.body, {subtree: true, childList: true, attributes: true, attributeFilter: ['src']});
   document.addEventListener('load', check, true);  // <img> load events, caught on the way down
   const backup = setInterval(check, 50);
-  const limit = setTimeout(() => { if (!finished) { stop(); reject(new Error('no new picture within 30 s')); } },
-                           30000);
+  const limit = setTimeout(() => {
+    if (!finished) { stop(); reject(new Error('no new picture within 30 s')); }
+  }, 30000);
   check();
 })
 """

@@ -45,12 +45,15 @@ def synchronizer(device: torch.device | str) -> Callable[[], None]:
 
 
 def timed(fn: Callable[[], object], repeat: int, sync: Callable[[], None] = lambda: None,
-          warmup: int = 1) -> tuple[float, float]:
-    """(median ms, p90 ms) of ``repeat`` calls of ``fn`` after ``warmup`` calls."""
+          warmup: int = 1, setup: Callable[[], object] | None = None) -> tuple[float, float]:
+    """(median ms, p90 ms) of ``repeat`` calls of ``fn`` after ``warmup`` calls; ``setup`` runs
+    before each call, untimed (e.g. forget what an encoding kept, to time a first call)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(repeat):
+        if setup is not None:
+            setup()
         sync()
         start = time.perf_counter()
         fn()

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_choice, check_int, check_real
-from .prune import attention_scores, cosine_gram, query_index
+from .prune import attention_scores, query_index
 from .types import Compression, Encoding
 
 # --- VisPruner (Zhang et al., ICCV 2025) ---------------------------------------------------
@@ -76,7 +76,9 @@ def _drop_duplicates(gram: torch.Tensor, residual: torch.Tensor, keep: int, per_
     positions), scores each A token by its highest cosine to any B token, and
     drops the ``min(per_round, len - keep)`` highest-scoring A tokens; the
     list for the next round is the surviving A tokens by descending score,
-    then B. ``gram`` is the cosine matrix with -inf on pairs never compared.
+    then B. ``gram`` is the cosine matrix of all the patches (only read: a
+    token's own entry and those of tokens never in the list are never on
+    side B, so they never count).
     Returns (the ``keep`` survivors in list order, each token's last A-side
     score [N] (NaN if never on side A), the round in which each token was
     dropped [N] (-1 if not)).
@@ -194,11 +196,11 @@ def vispruner(
     elif residual.numel() == num_div:
         diverse = residual
     else:
-        gram = cosine_gram(F.normalize(enc.tokens.float(), dim=-1))
-        # Pairs never compared: a patch with itself and anything with an important patch.
-        gram.fill_diagonal_(-math.inf)
-        gram[:, important] = -math.inf
-        diverse, duplication, dropped_round = _drop_duplicates(gram, residual, num_div, per_round)
+        # The encoding's kept cosine matrix (shared with fidelity, made once per image): read,
+        # never written. A patch is never compared with itself or an important patch: neither
+        # is ever on side B when it is scored.
+        diverse, duplication, dropped_round = _drop_duplicates(enc.cosine_gram(), residual, num_div,
+                                                               per_round)
     role = torch.zeros(n, dtype=torch.long, device=device)
     role[important] = 1
     role[diverse] = 2

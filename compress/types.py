@@ -67,8 +67,10 @@ class Encoding:
             self.tokens.float(), dim=-1))
 
     def cosine_gram(self) -> torch.Tensor:
-        """Cosine similarity of every pair of patch tokens, [N, N] (kept)."""
-        return self.remember(("cosine_gram",), lambda: self.unit_tokens() @ self.unit_tokens().T)
+        """Cosine similarity of every pair of patch tokens, [N, N] (kept; exactly symmetric)."""
+        from .prune import cosine_gram  # the blocked half product: prune imports this module
+
+        return self.remember(("cosine_gram",), lambda: cosine_gram(self.unit_tokens()))
 
     @property
     def num_prefix(self) -> int:
