@@ -6,18 +6,7 @@ import gradio as gr
 
 from viz.panels import merge_panel
 
-from .common import (
-    LIVE,
-    OVERLAY_H,
-    Details,
-    Tab,
-    Wiring,
-    export_box,
-    guarded,
-    need,
-    stats_md,
-    then_figure,
-)
+from .common import LIVE, OVERLAY_H, Details, Tab, Wiring, export_box, guarded, need, stats_md, then_figure
 
 ID = "merge"
 METHODS = [("adjacent threshold", "threshold"), ("ToMe bipartite", "tome")]

@@ -6,18 +6,7 @@ import gradio as gr
 
 from viz.panels import has_fit, resampler_panel, resampler_title
 
-from .common import (
-    LIVE,
-    OVERLAY_H,
-    Details,
-    Tab,
-    Wiring,
-    export_box,
-    guarded,
-    need,
-    stats_md,
-    then_figure,
-)
+from .common import LIVE, OVERLAY_H, Details, Tab, Wiring, export_box, guarded, need, stats_md, then_figure
 
 ID = "resampler"
 INITS = [("k-means", "kmeans"), ("random", "random"), ("fit", "fit")]
