@@ -410,12 +410,19 @@ class Encoder:
         block = net.blocks[attn_index]
         captured: dict[str, torch.Tensor] = {}
         bf16 = self.precision == "bf16"
+        # The model is shared: other requests run it at the same time in other threads (encodes,
+        # forwards inside the ViT), and a hook on a shared module fires for all of them. Each
+        # hook keeps only what its own thread computes.
+        me = threading.get_ident()
+
+        def mine(key: str, value: torch.Tensor) -> None:
+            if threading.get_ident() == me:
+                captured.setdefault(key, value)
+
         if bf16:  # keep the block input: q/k are recomputed from it in float32 below
-            hook = block.attn.register_forward_pre_hook(
-                lambda _m, args: captured.setdefault("x", args[0]))
+            hook = block.attn.register_forward_pre_hook(lambda _m, args: mine("x", args[0]))
         else:  # float32: the block's own qkv projection output is exactly what we need
-            hook = block.attn.qkv.register_forward_hook(
-                lambda _m, _args, out: captured.setdefault("qkv", out))
+            hook = block.attn.qkv.register_forward_hook(lambda _m, _args, out: mine("qkv", out))
         fast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         try:
             with fast:

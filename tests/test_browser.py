@@ -145,6 +145,14 @@ def test_upload_and_move_every_slider(page):
     wait_changed(page, "resampler-overlay", old, "resampler-stats", stats)
     assert tokens_out(text(page, "resampler-stats")) < tokens_out(stats)
     assert "UNTRAINED" in text(page, "resampler-stats")
+    # once the release has landed: the numbers are the slider's, and the model downstream's
+    # saliency pair and the figure (the release's second step) are there
+    settle(page, "resampler-stats", "resampler-grid", "resampler-task-image", "resampler-task-text")
+    latents = int(float(page.locator("#resampler-latents input[type=range]").input_value()))
+    assert tokens_out(text(page, "resampler-stats")) == latents
+    assert page.query_selector("#resampler-task-image img") is not None
+    assert "CC" in text(page, "resampler-task-text")
+    page.wait_for_selector("#resampler-plot img, #resampler-plot svg, #resampler-plot canvas")
     page.screenshot(path=str(ARTIFACTS / "resampler.png"), full_page=True)
 
 

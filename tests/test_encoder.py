@@ -328,3 +328,47 @@ def test_cpu_bf16_native_reads_the_cpu_flags():
 
     words = Path("/proc/cpuinfo").read_text().split()
     assert cpu_bf16_native() == any(f in words for f in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def test_requests_at_the_same_time_get_their_own_attention(encoder):
+    """The app runs one shared model for everyone: encodes of other images and forwards with
+    ToMe inside the network run in other threads at the same moment. Each encode must still get
+    its own image's q, k and CLS attention (a hook on the shared model once caught another
+    request's projection: the wrong attention, or a shape error when the sizes differed)."""
+    import threading
+
+    from compress.inside import tome_forward
+
+    photos = [Image.open(ASSETS / name) for name in ("coffee.jpg", "chelsea.jpg", "hubble.jpg")]
+    sizes = [336, 224, 280]
+    alone = [encoder.encode(p, size=s) for p, s in zip(photos, sizes, strict=True)]
+    got, errors = {}, []
+    start = threading.Barrier(len(photos) + 1)
+
+    def encode(i):
+        try:
+            start.wait()
+            got[i] = [encoder.encode(photos[i], size=sizes[i]) for _ in range(3)]
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(repr(exc))
+
+    def merge_inside():
+        try:
+            start.wait()
+            for _ in range(3):
+                tome_forward(encoder, photos[0], size=224, r=16)
+        except Exception as exc:  # noqa: BLE001
+            errors.append(repr(exc))
+
+    threads = [threading.Thread(target=encode, args=(i,)) for i in range(len(photos))]
+    threads.append(threading.Thread(target=merge_inside))
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert errors == []
+    for i, ref in enumerate(alone):
+        for enc in got[i]:
+            assert torch.allclose(enc.q, ref.q, atol=1e-5)
+            assert torch.allclose(enc.k, ref.k, atol=1e-5)
+            assert torch.allclose(enc.cls_attn, ref.cls_attn, atol=1e-6)
