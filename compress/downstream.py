@@ -33,6 +33,11 @@ DEFAULT_DROPPED = "position"
 SWEEP_BATCH = {"cpu": 1, "cuda": 8}
 
 
+def sweep_batch(device: torch.device) -> int:
+    """Maps per head forward for tokens on ``device`` (``SWEEP_BATCH``; 8 on other devices)."""
+    return SWEEP_BATCH.get(device.type, 8)
+
+
 def output_vectors(enc: Encoding, comp: Compression) -> torch.Tensor:
     """The outputs as vectors in the encoder's token space, [M, C].
 
@@ -171,7 +176,7 @@ def agreement_sweep(
     if not _usable(enc, head):
         return None
     check_choice("dropped", dropped, DROPPED)
-    batch = SWEEP_BATCH.get(enc.device.type, 8) if batch is None else check_int("batch", batch, 1, 1024)
+    batch = sweep_batch(enc.device) if batch is None else check_int("batch", batch, 1, 1024)
     budgets = budgets or sweep_budgets(enc.num_patches)
     names = names or list(STRATEGIES)
     for name in names:

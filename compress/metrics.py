@@ -36,25 +36,13 @@ from .types import Compression, Encoding
 KL_EPS = 2.220446049250313e-16
 
 
-GRAM_MAX_N = 2048  # up to this many patches the cosine of every pair is kept (16 MB at 2048)
-
-
-def _one_hot_rows(comp: Compression):
-    """The patch each output is, [M], when every row of ``assign`` is one-hot (a selection)."""
-    support = comp.assign > 0
-    if bool((support.sum(dim=1) == 1).all()):
-        return comp.assign.argmax(dim=1)
-    return None
-
-
 def fidelity(enc: Encoding, comp: Compression) -> float:
     """Mean over patches of max over outputs of cos(patch token, represented output).
 
     For a selection (one-hot rows) the outputs are patches, so the patch-to-patch cosines kept
     with the encoding are read instead of multiplying again (the same numbers)."""
-    kept = _one_hot_rows(comp) if enc.num_patches <= GRAM_MAX_N else None
-    if kept is not None:
-        return float(enc.cosine_gram()[:, kept].amax(dim=1).mean())
+    if enc.keeps_gram and comp.kind == "prune":  # one-hot rows: output m is patch argmax(row m)
+        return float(enc.cosine_gram()[:, comp.assign.argmax(dim=1)].amax(dim=1).mean())
     rep = F.normalize(comp.represented(enc.tokens.float()), dim=-1)
     return float((enc.unit_tokens() @ rep.T).amax(dim=1).mean())
 

@@ -196,9 +196,9 @@ def vispruner(
     elif residual.numel() == num_div:
         diverse = residual
     else:
-        # The encoding's kept cosine matrix (shared with fidelity, made once per image): read,
-        # never written. A patch is never compared with itself or an important patch: neither
-        # is ever on side B when it is scored.
+        # The encoding's cosine matrix (kept with it up to GRAM_KEPT_MAX patches, shared with
+        # fidelity): read, never written. A patch is never compared with itself or an important
+        # patch: neither is ever on side B when it is scored.
         diverse, duplication, dropped_round = _drop_duplicates(enc.cosine_gram(), residual, num_div,
                                                                per_round)
     role = torch.zeros(n, dtype=torch.long, device=device)

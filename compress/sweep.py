@@ -150,13 +150,13 @@ def sweep_rows(encoder, head, image_path: str, strategies: Sequence[str], budget
     Each row is a dict with ``COLUMNS``. ``head`` (or None) gives the task
     agreement; without a head that can read the encoding ``cc``, ``kl``,
     ``sim`` and ``top_iou`` are NaN. The head runs on ``batch`` maps at a
-    time (default ``downstream.SWEEP_BATCH``). ``strategy_ms`` is the wall
+    time (default ``downstream.sweep_batch``). ``strategy_ms`` is the wall
     time of ``Strategy.at_budget`` (the search for the budget included).
     An image that cannot be read or encoded gives one error row with the
     message; a budget above the image's patch count raises ``ValueError``
     (a setting, not a property of one image).
     """
-    from .downstream import SWEEP_BATCH, patch_tokens, reference_map
+    from .downstream import patch_tokens, reference_map, sweep_batch
     from .metrics import attention_mass_kept, fidelity
 
     model = getattr(encoder, "name", "")
@@ -185,7 +185,7 @@ def sweep_rows(encoder, head, image_path: str, strategies: Sequence[str], budget
             grids.append(patch_tokens(enc, comp))
     if grids:
         ref = reference_map(enc, head)
-        step = batch or SWEEP_BATCH.get(enc.device.type, 8)
+        step = batch or sweep_batch(enc.device)
         for start in range(0, len(grids), step):
             maps = head.run(enc, torch.stack(grids[start:start + step]))
             for row, agreement in zip(rows[start:start + step], head.compare(ref, maps), strict=True):

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from PIL import Image
 
+GRAM_KEPT_MAX = 2048  # up to this many patches an encoding keeps the cosine of every pair (16 MB)
+
 
 @dataclass(eq=False)
 class Encoding:
@@ -66,10 +68,19 @@ class Encoding:
         return self.remember(("unit_tokens",), lambda: torch.nn.functional.normalize(
             self.tokens.float(), dim=-1))
 
+    @property
+    def keeps_gram(self) -> bool:
+        """Whether ``cosine_gram`` is kept with the encoding (N <= ``GRAM_KEPT_MAX``: 64 MB per
+        image at N = 4096 would outweigh everything else a server keeps for it)."""
+        return self.num_patches <= GRAM_KEPT_MAX
+
     def cosine_gram(self) -> torch.Tensor:
-        """Cosine similarity of every pair of patch tokens, [N, N] (kept; exactly symmetric)."""
+        """Cosine similarity of every pair of patch tokens, [N, N] (exactly symmetric); kept when
+        ``keeps_gram``, else made anew on each call."""
         from .prune import cosine_gram  # the blocked half product: prune imports this module
 
+        if not self.keeps_gram:
+            return cosine_gram(self.unit_tokens())
         return self.remember(("cosine_gram",), lambda: cosine_gram(self.unit_tokens()))
 
     @property

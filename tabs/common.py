@@ -41,16 +41,6 @@ LIVE = {"trigger_mode": "always_last", **NO_TARGETS, "concurrency_id": "live"}
 QUIET = {"api_visibility": "undocumented", **NO_TARGETS, "concurrency_id": "live"}
 
 
-def then_figure(w, first, figure, inputs, plot) -> None:
-    """Chain ``figure`` (inputs -> the tab's matplotlib figure) after the event ``first``.
-
-    A released slider first brings the overlay, the numbers and the model downstream; the figure
-    (matplotlib, then a PNG for the page: the slowest picture of a tab) follows as its own step, so
-    the saliency map does not wait for it.
-    """
-    w.on(first.then, figure, inputs, [plot], **QUIET)
-
-
 class Session:
     """Per-browser-session state: a bounded encoding cache and what is shown from it.
 
@@ -294,6 +284,44 @@ class Details:
         text = (f"task agreement (saliency head): **CC {a['cc']:.3f}** · SIM {a['sim']:.3f} · "
                 f"KL {a['kl']:.3f} · top-10% IoU {a['top_iou']:.3f} · {v['ms']:.0f} ms")
         return [text, v["picture"]]
+
+
+class Steps:
+    """A strategy tab's handlers, all made from its ``render(session, *values, with_figure=True)``
+    (the pictures and numbers, then the matplotlib figure when ``with_figure``) and its ``Details``.
+
+    ``figure_kw``: what ``render`` may skip when only the figure is wanted (the resampler's
+    latent maps)."""
+
+    def __init__(self, render: Callable, details: Details, **figure_kw):
+        self.render, self.details, self.figure_kw = render, details, figure_kw
+
+    def quick(self, session, *values) -> list:
+        """The pictures and numbers, no figure: what a slider being dragged shows."""
+        return self.render(session, *values, with_figure=False)
+
+    def figure(self, session, *values):
+        return self.render(session, *values, **self.figure_kw)[-1]
+
+    def first(self, session, *values) -> list:
+        """A released control: the pictures and numbers, then the model downstream."""
+        return [*self.quick(session, *values), *self.details.view(session)]
+
+    def everything(self, session, *values) -> list:
+        """All in one call (the named API endpoints)."""
+        return [*self.render(session, *values), *self.details.view(session)]
+
+    def later(self, session, *values) -> list:
+        """After a tab is drawn: the figure and the model downstream."""
+        return [self.figure(session, *values), *self.details.view(session)]
+
+    def on_release(self, w: Wiring, trigger, inputs: list, outputs: list, plot,
+                   fn: Callable | None = None) -> None:
+        """``trigger`` runs ``fn`` (default ``first``) into ``outputs``; the figure follows as its
+        own step, so the saliency map does not wait for it (matplotlib, then a PNG for the page:
+        the slowest picture of a tab)."""
+        done = w.on(trigger, fn or self.first, inputs, outputs, **LIVE)
+        w.on(done.then, self.figure, inputs, [plot], **QUIET)
 
 
 TASK_ABOUT = """A trained model stands in for "the model downstream": the saliency decoder that ships

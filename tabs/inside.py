@@ -8,7 +8,7 @@ from compress.cache import shared_encoder
 from compress.inside import EVIT_BLOCKS
 from viz.inside import inside_panel
 
-from .common import LIVE, OVERLAY_H, Details, Tab, Wiring, export_box, guarded, need
+from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need
 from .source import LIMITS
 
 ID = "inside"
@@ -94,16 +94,15 @@ def build(w: Wiring) -> Tab:
     live = [overlay, stats]
     full = live + [plot] + details.outputs
 
-    def everything(session, *values):
-        return [*render(session, *values), *details.view(session)]
+    steps = Steps(render, details)
 
     # a new setting runs the network (~0.5 s at 336 px on a CPU): on release, never per drag step
-    w.on(r.release, everything, inputs, full, "inside", **LIVE)
-    w.on(keep.release, everything, inputs, full, **LIVE)
+    w.on(r.release, steps.everything, inputs, full, "inside", **LIVE)
+    w.on(keep.release, steps.everything, inputs, full, **LIVE)
     for ctl in (method, fuse, blocks):
-        w.on(ctl.input, everything, inputs, full, **LIVE)
+        w.on(ctl.input, steps.everything, inputs, full, **LIVE)
     # the block slider only redraws a kept run: live
-    w.on(block.input, lambda *a: render(*a, with_figure=False), inputs, live, "inside_live", **LIVE)
+    w.on(block.input, steps.quick, inputs, live, "inside_live", **LIVE)
     w.on(block.release, lambda *a: render(*a), inputs, live + [plot], **LIVE)
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
                    api_visibility="private", **LIVE)
@@ -115,11 +114,5 @@ def build(w: Wiring) -> Tab:
                           value=[b for b in blocks_value if b < depth]),
                 gr.update(maximum=depth, value=min(int(block_value), depth))]
 
-    def quick(session, *values):
-        return render(session, *values, with_figure=False)
-
-    def later(session, *values):
-        return [render(session, *values, with_figure=True)[-1], *details.view(session)]
-
-    return Tab(ID, tab, inputs[1:], live, quick, [r, blocks, block], fit,
-               later=(later, inputs[1:], [plot] + details.outputs))
+    return Tab(ID, tab, inputs[1:], live, steps.quick, [r, blocks, block], fit,
+               later=(steps.later, inputs[1:], [plot] + details.outputs))

@@ -6,7 +6,7 @@ import gradio as gr
 
 from viz.panels import merge_panel
 
-from .common import LIVE, OVERLAY_H, Details, Tab, Wiring, export_box, guarded, need, stats_md, then_figure
+from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need, stats_md
 
 ID = "merge"
 METHODS = [("adjacent threshold", "threshold"), ("ToMe bipartite", "tome")]
@@ -66,23 +66,14 @@ def build(w: Wiring) -> Tab:
                     *(details.view(session) if with_details else [])]
         return fn
 
-    def everything(session, *values):
-        return [*render(session, *values), *details.view(session)]
-
-    def first(session, *values):
-        return [*render(session, *values, with_figure=False), *details.view(session)]
-
-    def figure(session, *values):
-        return render(session, *values)[-1]
-
-    w.on(api_full.click, everything, inputs, full, "merge", **LIVE)
+    steps = Steps(render, details)
+    w.on(api_full.click, steps.everything, inputs, full, "merge", **LIVE)
     for slider, chosen in ((threshold, "threshold"), (target, "tome")):
         w.on(slider.input, by(chosen, False), inputs, [method] + live, **LIVE)
-        then_figure(w, w.on(slider.release, by(chosen, True), inputs,
-                            [method] + live + details.outputs, **LIVE), figure, inputs, plot)
+        steps.on_release(w, slider.release, inputs, [method] + live + details.outputs, plot,
+                         by(chosen, True))
     for ctl in (method, fill):
-        then_figure(w, w.on(ctl.input, first, inputs, live + details.outputs, **LIVE), figure,
-                    inputs, plot)
+        steps.on_release(w, ctl.input, inputs, live + details.outputs, plot)
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
                    api_visibility="private", **LIVE)
     # API-only: the live update with the method it is given (the UI's sliders pick theirs)
@@ -93,12 +84,6 @@ def build(w: Wiring) -> Tab:
         n = enc.num_patches
         return [gr.update(maximum=n, value=min(int(target), n))]
 
-    def quick(session, *values):
-        return render(session, *values, with_figure=False)
-
-    def later(session, *values):
-        return [render(session, *values, with_figure=True)[-1], *details.view(session)]
-
     # first the overlay and the numbers, then the figure (the slowest picture)
-    return Tab(ID, tab, inputs[1:], live, quick, [target], fit,
-               later=(later, inputs[1:], [plot] + details.outputs))
+    return Tab(ID, tab, inputs[1:], live, steps.quick, [target], fit,
+               later=(steps.later, inputs[1:], [plot] + details.outputs))

@@ -10,6 +10,7 @@ from .common import (
     LIVE,
     OVERLAY_H,
     Details,
+    Steps,
     Tab,
     Wiring,
     export_box,
@@ -17,7 +18,6 @@ from .common import (
     need,
     patch_at,
     stats_md,
-    then_figure,
 )
 
 ID = "prune"
@@ -99,8 +99,7 @@ def build(w: Wiring) -> Tab:
     live = [overlay, stats]
     full = live + [plot] + details.outputs
 
-    def everything(session, *values):
-        return [*render(session, *values), *details.view(session)]
+    steps = Steps(render, details)
 
     @guarded
     def click(session, score, head, keep, heatmap, evt: gr.SelectData):
@@ -112,17 +111,10 @@ def build(w: Wiring) -> Tab:
         session.query = patch
         return ["query", *render(session, "query", head, keep, heatmap), *details.view(session)]
 
-    w.on(keep.input, lambda *a: render(*a, with_figure=False), inputs, live, "prune_live", **LIVE)
-    def first(session, *values):
-        return [*render(session, *values, with_figure=False), *details.view(session)]
-
-    def figure(session, *values):
-        return render(session, *values)[-1]
-
-    w.on(api_full.click, everything, inputs, full, "prune", **LIVE)
+    w.on(keep.input, steps.quick, inputs, live, "prune_live", **LIVE)
+    w.on(api_full.click, steps.everything, inputs, full, "prune", **LIVE)
     for trigger in (keep.release, score.input, head.input, heat.input):
-        then_figure(w, w.on(trigger, first, inputs, live + details.outputs, **LIVE), figure, inputs,
-                    plot)
+        steps.on_release(w, trigger, inputs, live + details.outputs, plot)
     overlay.select(click, inputs, [score] + full, api_visibility="private", **LIVE)
     w.on(query.submit, lambda *a: do_query(*a, details=details), inputs + [query],
          [score] + full, "prune_query", **LIVE)
@@ -131,12 +123,6 @@ def build(w: Wiring) -> Tab:
         heads = ["mean"] + [str(h) for h in range(enc.num_heads)]
         return [gr.update(choices=heads, value=head if head in heads else "mean")]
 
-    def later(session, *values):
-        return [render(session, *values, with_figure=True)[-1], *details.view(session)]
-
-    def quick(session, *values):
-        return render(session, *values, with_figure=False)
-
     # first the overlay and the numbers, then the figure (the slowest picture)
-    return Tab(ID, tab, inputs[1:], live, quick, [head], fit,
-               later=(later, inputs[1:], [plot] + details.outputs))
+    return Tab(ID, tab, inputs[1:], live, steps.quick, [head], fit,
+               later=(steps.later, inputs[1:], [plot] + details.outputs))

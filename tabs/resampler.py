@@ -6,7 +6,7 @@ import gradio as gr
 
 from viz.panels import has_fit, resampler_panel, resampler_title
 
-from .common import LIVE, OVERLAY_H, Details, Tab, Wiring, export_box, guarded, need, stats_md, then_figure
+from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need, stats_md
 
 ID = "resampler"
 INITS = [("k-means", "kmeans"), ("random", "random"), ("fit", "fit")]
@@ -89,25 +89,17 @@ def build(w: Wiring) -> Tab:
     live = [overlay, grid, single, stats]
     full = live + [plot] + details.outputs
 
-    def everything(session, *values):
-        return [*render(session, *values), *details.view(session)]
+    steps = Steps(render, details, with_maps=False)  # the figure alone: no latent maps redrawn
 
     @guarded
     def fitted(session, latents, depth, selected, progress=gr.Progress()):  # noqa: B008
         return [*do_fit(session, latents, depth, selected, progress), *details.view(session)]
 
-    def first(session, *values):
-        return [*render(session, *values, with_figure=False), *details.view(session)]
-
-    def figure(session, *values):
-        return render(session, *values)[-1]
-
-    w.on(api_full.click, everything, inputs, full, "resample", **LIVE)
+    w.on(api_full.click, steps.everything, inputs, full, "resample", **LIVE)
     for slider in (latents, selected):
         w.on(slider.input, render_live, inputs, [overlay, stats], "resample_live", **LIVE)
     for trigger in (latents.release, selected.release, depth.release, init.input):
-        then_figure(w, w.on(trigger, first, inputs, live + details.outputs, **LIVE), figure, inputs,
-                    plot)
+        steps.on_release(w, trigger, inputs, live + details.outputs, plot)
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
                    api_visibility="private", **LIVE)
     w.on(fit_button.click, fitted, [w.session, latents, depth, selected], full, "fit",
@@ -119,12 +111,6 @@ def build(w: Wiring) -> Tab:
         return [gr.update(maximum=max(n, 2), value=min(int(latents), n)),
                 gr.update(maximum=max(n - 1, 1), value=min(int(selected), n - 1))]
 
-    def later(session, *values):
-        return [render(session, *values, with_figure=True)[-1], *details.view(session)]
-
-    def quick(session, *values):
-        return render(session, *values, with_figure=False)
-
     # first the overlay and the numbers, then the figure (the slowest picture)
-    return Tab(ID, tab, inputs[1:], live, quick, [latents, selected], fit,
-               later=(later, inputs[1:], [plot] + details.outputs))
+    return Tab(ID, tab, inputs[1:], live, steps.quick, [latents, selected], fit,
+               later=(steps.later, inputs[1:], [plot] + details.outputs))

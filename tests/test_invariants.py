@@ -72,3 +72,23 @@ def test_fidelity_shortcut_for_selections_gives_the_same_number(coffee_enc, name
     rep = F.normalize(out.represented(coffee_enc.tokens.float()), dim=-1)
     unit = F.normalize(coffee_enc.tokens.float(), dim=-1)
     assert fidelity(coffee_enc, out) == pytest.approx(float((unit @ rep.T).amax(dim=1).mean()), abs=1e-6)
+
+
+def test_only_small_encodings_keep_the_cosine_of_every_pair():
+    """A server keeps encodings for many people: the N x N cosines are kept up to 2048 patches
+    (16 MB), never at 896 px (4096 patches, 64 MB); the numbers are the same either way."""
+    from conftest import make_encoding
+
+    from compress.types import GRAM_KEPT_MAX
+
+    gen = torch.Generator().manual_seed(0)
+    small = make_encoding(torch.randn(48 * 48, 8, generator=gen)[:GRAM_KEPT_MAX], (32, 64))
+    big = make_encoding(torch.randn(64 * 64, 8, generator=gen), (64, 64))
+    assert small.cosine_gram() is small.cosine_gram()  # kept
+    first = big.cosine_gram()
+    assert first is not big.cosine_gram() and ("cosine_gram",) not in big.memo
+    unit = torch.nn.functional.normalize(big.tokens.float(), dim=-1)
+    assert torch.allclose(first, unit @ unit.T, atol=1e-5)
+    out = run_at_budget("divprune", big, 32)  # fidelity's general formula at this size
+    rep = torch.nn.functional.normalize(out.tokens.float(), dim=-1)
+    assert fidelity(big, out) == pytest.approx(float((unit @ rep.T).amax(dim=1).mean()), abs=1e-6)
