@@ -97,6 +97,9 @@ def inside_run(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: floa
     raise ValueError(f"method must be 'tome' or 'prune', got {method!r}")
 
 
+FORWARD_NAMES = {"tome_inside": "ToMe inside", "prune_inside": "EViT inside"}
+
+
 @_styled
 def depth_plot(result: InsideResult, block: int) -> Figure:
     """Tokens per block (and the plain forward's constant count), the shown block marked."""
@@ -105,7 +108,8 @@ def depth_plot(result: InsideResult, block: int) -> Figure:
     x = np.arange(len(counts))
     ax.step(x, [counts[0]] * len(counts), where="post", color="#999999", linewidth=1.5,
             label="plain forward")
-    ax.step(x, counts, where="post", color=MAIN, linewidth=2.0, label=result.strategy.replace("_", " "))
+    ax.step(x, counts, where="post", color=MAIN, linewidth=2.0,
+            label=FORWARD_NAMES.get(result.strategy, result.strategy))
     ax.axvline(block, color=ACCENT, linestyle="--", linewidth=1.5)
     ax.text(block, counts[0] * 0.98, f" after block {block}: {counts[block]}", color=ACCENT,
             va="top", fontsize=9)
