@@ -13,8 +13,9 @@ import time
 import torch
 
 from ._checks import check_int
+from .knn import nearest
 from .merge import _hard_assign
-from .prune import _roles, cosine_gram
+from .prune import _roles
 from .types import Compression, Encoding
 
 DPC_K = 5  # TCFormer's default (CTM(k=5)); HoliTom's cluster_dpc_knn defaults to 7
@@ -63,18 +64,17 @@ def dpc_knn(enc: Encoding, target: int, k: int = DPC_K) -> Compression:
     start = time.perf_counter()
     x = enc.tokens.float()
     device = x.device
-    sq = (x * x).sum(dim=1)
-    # h_ij = d_ij^2 * C - |x_i|^2: the row constant changes no ranking within a row.
-    h = cosine_gram(x).mul_(-2.0).add_(sq[None, :])
-    h.diagonal().copy_(-sq)  # d_ii = 0 exactly
     scale = 1.0 / x.shape[1]
+    sq = (x * x).sum(dim=1)
 
-    def dist2(rows: torch.Tensor, vals: torch.Tensor) -> torch.Tensor:  # d^2, from h
-        return ((vals + sq[rows, None]) * scale).clamp(min=0.0)
+    def dist2(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:  # d^2 [R, K]
+        return (sq[rows, None] + sq[None, cols] - 2.0 * x[rows] @ x[cols].T).clamp_(min=0.0) * scale
 
-    near_h, near = h.topk(min(max(k, _PARENT_LIST), n), dim=1, largest=False)  # ascending
+    # Each patch's nearest (itself first, at 0) and the largest distance of all, without the
+    # N x N matrix (knn.nearest: 64 MB at N = 4096).
+    near_d2, near, far2 = nearest(x, min(max(k, _PARENT_LIST), n), "sqdist", with_extreme=True)
+    near_d2 = near_d2 * scale
     all_rows = torch.arange(n, device=device)
-    near_d2 = dist2(all_rows, near_h)
     density = torch.exp(-near_d2[:, :k].mean(dim=1))
 
     # Denser = higher density, or equal density and an earlier patch.
@@ -87,22 +87,21 @@ def dpc_knn(enc: Encoding, target: int, k: int = DPC_K) -> Compression:
     delta2 = near_d2.gather(1, first).squeeze(1)
     lonely = (~found).nonzero().flatten()  # no denser token among the nearest: scan the row
     if lonely.numel():
-        rows = h.index_select(0, lonely)
-        rows = rows.masked_fill(rank[None, :] >= rank[lonely, None], math.inf)
-        best_h, best = rows.min(dim=1)
+        rows = dist2(lonely, all_rows).masked_fill_(rank[None, :] >= rank[lonely, None], math.inf)
+        best_d2, best = rows.min(dim=1)
         parent[lonely] = best
-        delta2[lonely] = dist2(lonely, best_h[:, None]).squeeze(1)
+        delta2[lonely] = best_d2
     top = rank.argmin()
     parent[top] = -1
-    delta2[top] = dist2(all_rows, h.amax(dim=1, keepdim=True)).amax()
+    delta2[top] = far2 * scale
     distance = delta2.sqrt()
     score = distance * density
 
     centres = torch.sort(score, descending=True, stable=True).indices[:target].sort().values
-    to_centre = h.index_select(1, centres)  # [N, M]
+    to_centre = dist2(all_rows, centres)  # [N, M]
     labels = to_centre.argmin(dim=1)
     labels[centres] = torch.arange(target, device=device)
-    centre_d2 = dist2(all_rows, to_centre.gather(1, labels[:, None])).squeeze(1)
+    centre_d2 = to_centre.gather(1, labels[:, None]).squeeze(1)
     assign = _hard_assign(labels, target)
     counts = torch.bincount(labels, minlength=target).float()
     sums = torch.zeros(target, enc.dim, device=device).index_add_(0, labels, x)

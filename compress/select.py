@@ -17,11 +17,13 @@ from __future__ import annotations
 import math
 import time
 
+import numba
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ._checks import check_choice, check_int, check_real
+from .knn import nearest
 from .prune import attention_scores, query_index
 from .types import Compression, Encoding
 
@@ -29,105 +31,140 @@ from .types import Compression, Encoding
 
 VISPRUNER_IMPORTANT_RATIO = 0.5  # the authors' default (--important_ratio in their eval scripts)
 VISPRUNER_PER_ROUND = 8  # at most this many duplicates are dropped per round (their constant)
-_EXACT_BLOCK = 1 << 16  # |A| * |B| up to which a round compares A with B directly
-_LIST_BLOCKS = (4, 8, 8)  # most-similar partners kept per token, looked at block by block
-_REBUILD = 0.5  # cut the matrix down to the survivors when they fall below this share
+_LIST = 32  # most-similar partners listed per token (a round reads them in order)
+_RELIST = 128  # room per token: a token listed anew alone (its partners were dropped) lists this many
+_REBUILD = 0.5  # list anew among the survivors when they fall below this share of the listed
 
 
-def _partner_lists(sub: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Every row's largest entries of ``sub``, descending, cut into ``_LIST_BLOCKS`` column blocks."""
-    sims, idx = torch.from_numpy(sub).topk(sum(_LIST_BLOCKS), dim=1)
-    idx, sims = idx.numpy().astype(np.int32), sims.numpy()
-    edges = np.cumsum((0,) + _LIST_BLOCKS)
-    return [(np.ascontiguousarray(idx[:, lo:hi]), np.ascontiguousarray(sims[:, lo:hi]))
-            for lo, hi in zip(edges[:-1], edges[1:], strict=True)]
+@numba.njit(cache=True, nogil=True, fastmath=True)
+def _dot(unit, i, j):  # pragma: no cover - compiled
+    s = np.float32(0.0)
+    for d in range(unit.shape[1]):
+        s += unit[i, d] * unit[j, d]
+    return s
 
 
-def _best_partner(sub: np.ndarray, a: np.ndarray, b: np.ndarray, in_b: np.ndarray,
-                  lists: list[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
-    """max over j in ``b`` of sub[i, j] for each i in ``a``, from the most-similar lists.
+@numba.njit(cache=True, nogil=True)
+def _relist(unit, row, cur, lists, sims, in_b):  # pragma: no cover - compiled
+    """Make ``row``'s list its most similar tokens among the survivors ``cur``; return its
+    highest similarity to a B token (``in_b``)."""
+    width = lists.shape[1]
+    cos = np.empty(cur.shape[0], dtype=sims.dtype)
+    best = -np.inf
+    for t in range(cur.shape[0]):
+        cos[t] = _dot(unit, row, cur[t])
+        if in_b[cur[t]]:
+            best = max(best, cos[t])
+    if cur.shape[0] > width:  # the width-th largest, then only those at least as large sorted
+        cut = -np.partition(-cos, width - 1)[width - 1]
+        cand = np.nonzero(cos >= cut)[0]
+        top = cand[np.argsort(-cos[cand], kind="mergesort")][:width]
+    else:
+        top = np.argsort(-cos, kind="mergesort")
+    for j in range(width):  # fewer survivors than the width: the rest is the token itself
+        lists[row, j] = cur[top[j]] if j < top.shape[0] else row
+        sims[row, j] = cos[top[j]] if j < top.shape[0] else -np.inf
+    return best
 
-    ``lists`` holds every row's largest entries of ``sub`` in descending
-    order, cut into column blocks (partners [R, w], similarities [R, w]).
-    The first listed partner that is in B is the most similar B token; A
-    tokens with no listed partner in B (stale lists, as duplicates get
-    dropped) are compared with all of B directly.
+
+@numba.njit(cache=True, nogil=True)
+def _rounds(unit, cur, keep, per_round, floor, lists, sims, tok, last, dropped, rnd):  # pragma: no cover
+    """VisPruner's rounds on ``cur`` (rows of ``unit``, in list order) until ``keep`` remain or the
+    list falls below ``floor``; returns (the list, the next round's number). Compiled (numba).
+
+    A token's score is its highest cosine to a B token: the first B token in its most-similar
+    list ``lists``/``sims`` (descending; every unlisted survivor is at most as similar as the
+    last listed one). When none of the listed is in B (its neighbours were dropped), the token
+    is compared with every survivor and listed anew (``_relist``).
+    ``tok`` maps rows to patch indices for ``last`` (each token's last A-side score) and
+    ``dropped`` (the round that dropped it).
     """
-    score = np.empty(a.size, dtype=sub.dtype)
-    pending = np.arange(a.size)
-    for partners, sims in lists:
-        rows = a[pending]
-        hit = np.take(in_b, np.take(partners, rows, axis=0))  # [rows, w] bool, w = 4 or 8
-        width = partners.shape[1]
-        found = hit.view(f"u{width}")[:, 0] != 0  # any() along a row: one word per row
-        first = hit.argmax(axis=1)[found]
-        score[pending[found]] = np.take(sims, rows[found] * width + first)
-        pending = pending[~found]
-        if pending.size == 0:
-            return score
-    score[pending] = np.take(sub[a[pending]], b, axis=1).max(axis=1)
-    return score
+    in_b = np.zeros(unit.shape[0], dtype=np.bool_)
+    width = lists.shape[1]
+    while True:
+        size = cur.shape[0]
+        r = min(per_round, size - keep)
+        if r <= 0 or size < floor:
+            return cur, rnd
+        a, b = cur[0::2], cur[1::2]
+        r = min(r, a.shape[0])
+        for j in range(b.shape[0]):
+            in_b[b[j]] = True
+        score = np.empty(a.shape[0], dtype=sims.dtype)
+        for t in range(a.shape[0]):
+            row = a[t]
+            found = False
+            for j in range(width):
+                if in_b[lists[row, j]]:
+                    score[t] = sims[row, j]
+                    found = True
+                    break
+            if not found:  # list the survivors anew for this token, then read B from them
+                score[t] = _relist(unit, row, cur, lists, sims, in_b)
+        order = np.argsort(-score, kind="mergesort")  # stable: ties keep list order
+        nxt = np.empty(size - r, dtype=cur.dtype)
+        for t in range(a.shape[0]):
+            last[tok[a[t]]] = score[t]
+        for t in range(r):
+            dropped[tok[a[order[t]]]] = rnd
+        for t in range(r, a.shape[0]):
+            nxt[t - r] = a[order[t]]
+        nxt[a.shape[0] - r:] = b
+        for j in range(b.shape[0]):
+            in_b[b[j]] = False
+        cur = nxt
+        rnd += 1
 
 
-def _drop_duplicates(gram: torch.Tensor, residual: torch.Tensor, keep: int, per_round: int):
+def _drop_duplicates(unit: torch.Tensor, residual: torch.Tensor, keep: int, per_round: int,
+                     gram: torch.Tensor | None = None):
     """VisPruner's diversity rounds on ``residual`` (token indices in rank order) down to ``keep``.
 
     Each round splits the current list into A (even positions) and B (odd
     positions), scores each A token by its highest cosine to any B token, and
     drops the ``min(per_round, len - keep)`` highest-scoring A tokens; the
     list for the next round is the surviving A tokens by descending score,
-    then B. ``gram`` is the cosine matrix of all the patches (only read: a
-    token's own entry and those of tokens never in the list are never on
-    side B, so they never count).
+    then B. ``unit``: the unit-length patch tokens [N, C]; ``gram``: their
+    cosine matrix [N, N] if the encoding keeps it (the lists are then read
+    from it instead of computed).
     Returns (the ``keep`` survivors in list order, each token's last A-side
     score [N] (NaN if never on side A), the round in which each token was
     dropped [N] (-1 if not)).
 
-    The scores are exact either way: small rounds compare A with B
-    directly, large ones read each token's most-similar list
-    (``_best_partner``). Whenever the list halves, the similarity matrix is
-    cut down to the survivors (so lookups stay in cache) and the lists are
-    rebuilt on it. About (N - keep) / 8 small dependent rounds: numpy on the
-    CPU, where a call costs far less than a torch op or a GPU launch.
+    The scores are exact: each token lists its ``_LIST`` most similar
+    residual tokens (``knn.nearest``: no N x N matrix is kept), and a round
+    reads the first listed token in B (``_rounds``, compiled: about
+    (N - keep) / 8 small dependent rounds). A token none of whose listed
+    tokens is in B is listed anew alone; when the survivors fall below half
+    of the tokens listed, all are listed anew among themselves.
     """
-    n = gram.shape[0]
-    sub = gram.cpu().numpy()  # similarities among the survivors of the last cut
-    row_of = np.arange(n)  # token -> its row in `sub`
-    built = n
-    res = residual.cpu().numpy()
-    last = np.full(n, np.nan, dtype=sub.dtype)
+    device = unit.device
+    unit = unit.detach().float().cpu()
+    n = unit.shape[0]
+    tok = residual.cpu().numpy().astype(np.int64)  # row -> patch, for the listed tokens
+    cur = np.arange(tok.size, dtype=np.int64)
+    last = np.full(n, np.nan, dtype=np.float32)
     dropped = np.full(n, -1, dtype=np.int64)
-    lists = None
     rnd = 0
-    while True:
-        size = res.size
-        r = min(per_round, size - keep)
-        if r <= 0:
-            break
-        if size < _REBUILD * built:  # keep only the survivors' rows and columns
-            rows = row_of[res]
-            sub = np.take(sub[rows], rows, axis=1)
-            row_of[res] = np.arange(size)
-            built, lists = size, None
-        a, b = res[0::2], res[1::2]
-        r = min(r, a.size)
-        ra, rb = row_of[a], row_of[b]
-        if a.size * b.size <= _EXACT_BLOCK or built < sum(_LIST_BLOCKS):
-            score = np.take(sub[ra], rb, axis=1).max(axis=1)
+    while cur.size > keep:
+        tok = tok[cur]
+        pick = torch.from_numpy(tok)
+        rows = unit[pick].contiguous()
+        if gram is None:
+            sims, lists = nearest(rows, _LIST, "dot")
         else:
-            if lists is None:
-                lists = _partner_lists(sub)
-                in_b = np.zeros(built, dtype=bool)
-            in_b[rb] = True
-            score = _best_partner(sub, ra, rb, in_b, lists)
-            in_b[rb] = False
-        order = np.argsort(-score, kind="stable")
-        last[a] = score
-        dropped[a[order[:r]]] = rnd
-        res = np.concatenate([a[order[r:]], b])
-        rnd += 1
-    device = gram.device
-    return (torch.from_numpy(res).to(device), torch.from_numpy(last).to(device),
+            sims, lists = gram.cpu()[pick][:, pick].topk(min(_LIST, tok.size), dim=1)
+        floor = int(_REBUILD * tok.size) if tok.size > _LIST else 0
+        # Room for _RELIST partners; the rest of each row is the token itself (never in B when
+        # it is scored, so never read as a partner).
+        width = min(_RELIST, tok.size)
+        room = np.repeat(np.arange(tok.size, dtype=np.int64)[:, None], width, axis=1)
+        room_sims = np.full((tok.size, width), -np.inf, dtype=np.float32)
+        room[:, :lists.shape[1]] = lists.numpy()
+        room_sims[:, :lists.shape[1]] = sims.numpy()
+        cur, rnd = _rounds(rows.numpy(), np.arange(tok.size, dtype=np.int64), keep, per_round, floor,
+                           room, room_sims, tok, last, dropped, rnd)
+    return (torch.from_numpy(tok[cur]).to(device), torch.from_numpy(last).to(device),
             torch.from_numpy(dropped).to(device))
 
 
@@ -196,11 +233,11 @@ def vispruner(
     elif residual.numel() == num_div:
         diverse = residual
     else:
-        # The encoding's cosine matrix (kept with it up to GRAM_KEPT_MAX patches, shared with
-        # fidelity): read, never written. A patch is never compared with itself or an important
-        # patch: neither is ever on side B when it is scored.
-        diverse, duplication, dropped_round = _drop_duplicates(enc.cosine_gram(), residual, num_div,
-                                                               per_round)
+        # Only residual patches are listed: a patch is never compared with itself or an important
+        # patch (neither is ever on side B when it is scored).
+        gram = enc.cosine_gram() if enc.keeps_gram else None  # kept with the encoding, shared
+        diverse, duplication, dropped_round = _drop_duplicates(enc.unit_tokens(), residual, num_div,
+                                                               per_round, gram)
     role = torch.zeros(n, dtype=torch.long, device=device)
     role[important] = 1
     role[diverse] = 2

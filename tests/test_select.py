@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 from conftest import make_encoding
 
+import compress.knn as knn_mod
 import compress.select as select_mod
+import compress.types as types_mod
 from compress import STRATEGIES, cdpruner, dart, dpc_knn, run_at_budget, vispruner
 from compress.prune import cosine_gram, prune_attention
 
@@ -118,13 +120,20 @@ def reference_vispruner(attn: torch.Tensor, tokens: torch.Tensor, target: int, r
     return sorted(important + residual)
 
 
-@pytest.mark.parametrize("path", ["direct", "partner lists"])
+@pytest.mark.parametrize("path", ["gram lists", "computed lists", "short lists, relisted often"])
 @pytest.mark.parametrize("target, ratio, per_round", [(40, 0.5, 8), (17, 0.25, 3), (60, 0.1, 8),
                                                       (5, 0.0, 8), (200, 0.5, 8)])
 def test_vispruner_matches_the_authors_loop_on_random_tokens(monkeypatch, path, target, ratio,
                                                              per_round):
-    # Both ways of scoring a round (direct A x B, or most-similar lists) must give the rule's result.
-    monkeypatch.setattr(select_mod, "_EXACT_BLOCK", 1 << 30 if path == "direct" else 0)
+    # Every way of listing each token's most similar (read from the encoding's kept cosine matrix,
+    # computed panel by panel without it, or lists so short that tokens run out of partners in B
+    # and are listed anew) must give the rule's result.
+    if path != "gram lists":
+        monkeypatch.setattr(types_mod, "GRAM_KEPT_MAX", 0)
+        monkeypatch.setattr(knn_mod, "PANEL", 64)
+    if path.startswith("short"):
+        monkeypatch.setattr(select_mod, "_LIST", 2)
+        monkeypatch.setattr(select_mod, "_RELIST", 4)
     gen = torch.Generator().manual_seed(target)
     tokens = torch.randn(300, 16, generator=gen)
     attn = torch.rand(300, generator=gen)
@@ -325,8 +334,11 @@ def reference_dpc_knn(x: torch.Tensor, clusters: int, k: int) -> list[int]:
     return [int(centres[i]) for i in labels]  # each patch's centre, as a patch index
 
 
+@pytest.mark.parametrize("panel", [None, 7])
 @pytest.mark.parametrize("clusters, k", [(5, 5), (12, 3), (1, 7)])
-def test_dpc_knn_matches_tcformer_on_random_tokens(clusters, k):
+def test_dpc_knn_matches_tcformer_on_random_tokens(monkeypatch, clusters, k, panel):
+    if panel:  # the nearest tokens found panel by panel (as at N = 4096), not in one
+        monkeypatch.setattr(knn_mod, "PANEL", panel)
     gen = torch.Generator().manual_seed(clusters)
     x = torch.randn(48, 6, generator=gen)
     out = dpc_knn(make_encoding(x, (6, 8)), clusters, k=k)
