@@ -18,12 +18,14 @@ os.environ.setdefault("GRADIO_ANALYTICS_MAX_EVENTS", "1000")
 
 import argparse  # noqa: E402
 import logging  # noqa: E402
+import threading  # noqa: E402
 
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from compress import BUNDLED_NAME  # noqa: E402
 from compress.cache import set_precision, shared_encoder  # noqa: E402
+from compress.select import compile_kernels  # noqa: E402
 from tabs import (  # noqa: E402
     compare,
     dataset,
@@ -104,6 +106,7 @@ def main(argv: list[str] | None = None) -> None:
     limits.max_pixels = int(args.max_pixels)
     set_precision(args.precision)
     encoder = shared_encoder(BUNDLED_NAME, limits.device)  # load (and convert) before serving
+    threading.Thread(target=compile_kernels, name="compile-kernels", daemon=True).start()
     if getattr(encoder, "notice", ""):
         print(f"note: {encoder.notice}", flush=True)
     # System fonts only: the default theme would fetch web fonts, and the app must work offline.

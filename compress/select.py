@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ._checks import check_choice, check_int, check_real
-from .knn import nearest
+from .knn import _offer, nearest
 from .prune import attention_scores, query_index
 from .types import Compression, Encoding
 
@@ -49,21 +49,21 @@ def _relist(unit, row, cur, lists, sims, in_b):  # pragma: no cover - compiled
     """Make ``row``'s list its most similar tokens among the survivors ``cur``; return its
     highest similarity to a B token (``in_b``)."""
     width = lists.shape[1]
-    cos = np.empty(cur.shape[0], dtype=sims.dtype)
+    heap = np.full((1, width), -np.inf, dtype=sims.dtype)  # the best so far; root: the worst
+    held = np.zeros((1, width), dtype=lists.dtype)
+    worst = np.full(1, -np.inf, dtype=sims.dtype)
     best = -np.inf
     for t in range(cur.shape[0]):
-        cos[t] = _dot(unit, row, cur[t])
+        cos = _dot(unit, row, cur[t])
         if in_b[cur[t]]:
-            best = max(best, cos[t])
-    if cur.shape[0] > width:  # the width-th largest, then only those at least as large sorted
-        cut = -np.partition(-cos, width - 1)[width - 1]
-        cand = np.nonzero(cos >= cut)[0]
-        top = cand[np.argsort(-cos[cand], kind="mergesort")][:width]
-    else:
-        top = np.argsort(-cos, kind="mergesort")
+            best = max(best, cos)
+        if cos > worst[0]:
+            _offer(heap, held, worst, 0, cos, cur[t])
+    order = np.argsort(-heap[0], kind="mergesort")
     for j in range(width):  # fewer survivors than the width: the rest is the token itself
-        lists[row, j] = cur[top[j]] if j < top.shape[0] else row
-        sims[row, j] = cos[top[j]] if j < top.shape[0] else -np.inf
+        found = heap[0, order[j]] > -np.inf
+        lists[row, j] = held[0, order[j]] if found else row
+        sims[row, j] = heap[0, order[j]]
     return best
 
 
@@ -476,3 +476,13 @@ def dart(enc: Encoding, target: int, pivots: int = DART_PIVOTS, pivot_by: str = 
                "role": _dart_roles(owner, piv)},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
     )
+
+
+def compile_kernels() -> None:
+    """Compile the compiled loops (VisPruner's rounds, ``knn.nearest``), or load them from numba's
+    cache: ~10 s once after a fresh checkout, so the app runs this at start-up, in the background,
+    and no request waits for it."""
+    gen = torch.Generator().manual_seed(0)
+    unit = F.normalize(torch.randn(40, 4, generator=gen), dim=1)
+    _drop_duplicates(unit, torch.arange(40), 4, 8)  # 40 tokens, lists of 32: some are relisted
+    nearest(unit, 2, "sqdist", panel=8, with_extreme=True)
