@@ -156,8 +156,12 @@ class PerceiverResampler(nn.Module):
         self.zero_residual = True
 
 
-def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0,
+           labels: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Lloyd's k-means on rows of ``x`` [N, D]. Returns (centroids [k, D], labels [N]).
+
+    ``labels=False`` skips the final assignment (one more distance pass) and
+    returns ``None`` for it.
 
     Seeded initialisation from k distinct points (a random permutation); an
     emptied cluster is re-seeded at the point farthest from its centroid.
@@ -175,23 +179,24 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0) -> tuple[tor
         centroids = x[perm[:k]].clone()
     else:
         extra = torch.randint(n, (k - n,), generator=gen).to(x.device)
-        return x[torch.cat([perm, perm[extra]])].clone(), torch.cdist(x, x[perm]).argmin(dim=1)
+        centroids = x[torch.cat([perm, perm[extra]])].clone()
+        return centroids, torch.cdist(x, x[perm]).argmin(dim=1) if labels else None
     sq = x.pow(2).sum(dim=1, keepdim=True)
     for _ in range(iters):
         # squared distances through one matmul: |x|^2 - 2 x.c + |c|^2
         dist = (sq - 2 * x @ centroids.T + centroids.pow(2).sum(dim=1)).clamp(min=0)
-        labels = dist.argmin(dim=1)
-        counts = torch.bincount(labels, minlength=k)
-        new = torch.zeros_like(centroids).index_add_(0, labels, x) / counts.clamp(min=1)[:, None]
+        near = dist.argmin(dim=1)
+        counts = torch.bincount(near, minlength=k)
+        new = torch.zeros_like(centroids).index_add_(0, near, x) / counts.clamp(min=1)[:, None]
         empty = counts == 0
         if bool(empty.any()):
-            far = dist.gather(1, labels[:, None]).squeeze(1).argsort(descending=True)
+            far = dist.gather(1, near[:, None]).squeeze(1).argsort(descending=True)
             new[empty] = x[far[: int(empty.sum())]]
         converged = torch.equal(new, centroids)
         centroids = new
         if converged:
             break
-    return centroids, torch.cdist(x, centroids).argmin(dim=1)
+    return centroids, torch.cdist(x, centroids).argmin(dim=1) if labels else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -267,7 +272,8 @@ def resample(
     normed = F.layer_norm(tokens, (enc.dim,))
     if init in ("kmeans", "fit"):  # kept per encoding: a slider coming back to a count reuses it
         latents = enc.remember(("kmeans", num_latents, seed),
-                               lambda: kmeans(normed, num_latents, seed=seed)[0], keep=KMEANS_KEPT)
+                               lambda: kmeans(normed, num_latents, seed=seed, labels=False)[0],
+                               keep=KMEANS_KEPT)
     else:
         latents = random_latents(num_latents, enc.dim, seed).to(tokens.device)
     model = base
@@ -306,7 +312,9 @@ def resample(
             out, maps = torch.func.functional_call(base, params, (tokens,))
         else:
             out, maps = model(tokens)
-        final_loss = float(_reconstruction_loss(normed, out, maps[-1]))
+        # The training objective, once more on the final weights: only a trained model reports it
+        # (a live latent slider would pay for it on every move and never show it).
+        final_loss = float(_reconstruction_loss(normed, out, maps[-1])) if losses else None
     n = enc.num_patches
     stacked = torch.stack(maps)  # [depth, H, M, N + M]
     patch_maps = stacked[..., :n]

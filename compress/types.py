@@ -7,6 +7,7 @@ how each output token draws on the input patches.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -158,9 +159,10 @@ class Compression:
         """The compression ratio N / M."""
         return self.num_in / self.num_out
 
-    @property
+    @functools.cached_property
     def kind(self) -> str:
-        """``"prune"`` (one-hot rows), ``"merge"`` (hard, disjoint rows) or ``"soft"``."""
+        """``"prune"`` (one-hot rows), ``"merge"`` (hard, disjoint rows) or ``"soft"``; read from
+        ``assign`` once (a live update asks several times; no strategy changes it afterwards)."""
         support = self.assign > 0
         if bool((support.sum(dim=1) == 1).all()):
             return "prune"
