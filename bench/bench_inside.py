@@ -153,6 +153,36 @@ def main() -> None:
             print(f"| {size} | {n} | {label} | {out.counts[-1]} | {out.flops_ratio:.3f} | {ms:.1f} | "
                   f"{speedup:.2f} | {flops_speedup:.2f} | {eff:.2f} | {share_s} | {ok} |")
         sys.stdout.flush()
+    if not gpu:
+        block_throughput(encoder, args.repeat)
+
+
+def block_throughput(encoder, repeat: int) -> None:
+    """Why few tokens fall behind the FLOPs count: one block's linear layers (qkv, proj, MLP)
+    timed at token counts a merged forward passes through, as GFLOP/s."""
+    blk = encoder.net.blocks[len(encoder.net.blocks) // 2]
+    linears = [m for m in blk.modules() if isinstance(m, torch.nn.Linear)]
+    print()
+    print("One block's linear layers by token count (the FLOPs count assumes one rate for all):")
+    print()
+    print("| tokens | ms | GFLOP/s |")
+    print("| ---: | ---: | ---: |")
+    for t in (257, 161, 65, 17, 6):
+        xs = [torch.randn(1, t, m.in_features) for m in linears]
+        flops = sum(2.0 * t * m.in_features * m.out_features for m in linears)
+
+        def run(xs=xs):
+            with torch.no_grad():
+                for m, x in zip(linears, xs, strict=True):
+                    m(x)
+
+        runs = []
+        for _ in range(max(repeat, 5) * 4):
+            start = time.perf_counter()
+            run()
+            runs.append(time.perf_counter() - start)
+        ms = statistics.median(runs) * 1e3
+        print(f"| {t} | {ms:.2f} | {flops / ms / 1e6:.0f} |")
 
 
 if __name__ == "__main__":

@@ -126,10 +126,15 @@ def sweep_main(argv: list[str]) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     args = ap.parse_args(argv)
 
+    from .sweep import STOP
+
     def stop(signum, _frame):  # SIGTERM as Ctrl-C: the rows so far are written before exiting
+        STOP.set()  # read after every batch too, in case Ray's iterator swallows the exception
         raise KeyboardInterrupt(f"signal {signum}")
 
+    STOP.clear()
     previous = signal.signal(signal.SIGTERM, stop)
+    previous_int = signal.signal(signal.SIGINT, stop)
     try:
         from .results import format_summary, summarise
         from .sweep import run_sweep
@@ -152,6 +157,7 @@ def sweep_main(argv: list[str]) -> int:
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)
+        signal.signal(signal.SIGINT, previous_int)
     print(report.line())
     summary = summarise(args.out)
     print()

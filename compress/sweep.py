@@ -21,6 +21,7 @@ import math
 import os
 import socket
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -52,6 +53,10 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".
 BUNDLED_PATCH = 14
 DEFAULT_BATCH = 4  # images per actor call: small, so progress is smooth and an interrupt loses little
 FLUSH_S = 2.0  # at least this long between two rewrites of the results file
+# Set by the command line's signal handler (Ctrl-C, SIGTERM). A KeyboardInterrupt raised while Ray's
+# iterator waits can be caught inside Ray; the loop also reads this after every batch, so the
+# sweep stops (rows so far written) at the next one whatever Ray did with the exception.
+STOP = threading.Event()
 PROBE_S = 5.0  # how long to wait for a cluster's address to answer
 
 
@@ -566,6 +571,8 @@ def run_sweep(paths: str | Sequence[str], out: str | os.PathLike,
             errors += int(batch.loc[batch["error"] != "", "image"].nunique())
             results.flush()
             show(len(seen), errors)
+            if STOP.is_set():
+                raise KeyboardInterrupt("stop requested")
     except KeyboardInterrupt:
         report.interrupted = True
         raise

@@ -25,6 +25,8 @@ from compress import ImageError, WeightsUnavailable
 from compress.cache import EncodingCache
 from viz.panels import Panel, downstream_view, export_json, inspector_view
 
+from .priority import yielding
+
 LOG = logging.getLogger("tce.app")
 OVERLAY_H = 560
 # Live updates: only the last value of a drag counts, no spinner covers the picture, and every
@@ -160,6 +162,8 @@ class Wiring:
         self._named: set[str] = set()
 
     def on(self, trigger, fn, inputs, outputs, name: str | None = None, **kw):
+        if kw.get("trigger_mode") == "always_last" and kw.get("concurrency_id") == "live":
+            fn = yielding(fn)  # an interactive update (LIVE) gives way to running encodes
         if name and name not in self._named:
             self._named.add(name)
             return trigger(fn, inputs, outputs, api_name=name, **kw)

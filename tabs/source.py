@@ -17,6 +17,7 @@ import gradio as gr
 from compress import BUNDLED_NAME, ImageError, WeightsUnavailable, device_label, load_image
 from compress.cache import image_digest, shared_encoder
 
+from . import priority
 from .common import LOG, NO_TARGETS, QUIET, Session, Tab, Wiring, guarded
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def encode(session: Session, image, model, size, layer, keep_aspect):
                          max_bytes=int(LIMITS.max_upload_mb * 2**20))
     encoder = shared_encoder((model or BUNDLED_NAME).strip(), LIMITS.device)
     layer_index = min(int(layer), encoder.depth) - 1
-    with session.lock:
+    with session.lock, priority.encoding():  # sliders give way meanwhile (tabs/priority.py)
         enc, cached = session.cache.get_or_encode(encoder, picture, image_digest(picture), int(size),
                                                   layer_index, bool(keep_aspect))
         session.show(enc)

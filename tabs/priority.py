@@ -1,0 +1,55 @@
+"""First pictures first: while an upload is being encoded, slider updates give way a moment.
+
+In a class, sixteen uploads arrive within a minute and the students already
+served start dragging sliders at once; on a small CPU every slider update
+then takes cores from the encodes the others are waiting on. Each
+interactive update waits (at most ``WAIT_S``) while any encode runs, so the
+encodes get the cores: nobody waits long for a first picture, and a slider
+during those seconds answers at most ``WAIT_S`` later.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+WAIT_S = 0.5  # the most a slider update waits for encodes to finish
+
+_cond = threading.Condition()
+_running = 0
+
+
+@contextmanager
+def encoding() -> Iterator[None]:
+    """Mark an encode as running for as long as the block lasts."""
+    global _running
+    with _cond:
+        _running += 1
+    try:
+        yield
+    finally:
+        with _cond:
+            _running -= 1
+            if _running == 0:
+                _cond.notify_all()
+
+
+def encodes_running() -> int:
+    return _running
+
+
+def give_way(limit: float = WAIT_S) -> bool:
+    """Wait until no encode runs, or ``limit`` seconds; True when none was running at the end."""
+    with _cond:
+        return _cond.wait_for(lambda: _running == 0, timeout=limit)
+
+
+def yielding(fn: Callable) -> Callable:
+    """``fn``, first giving way to running encodes."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        give_way()
+        return fn(*args, **kwargs)
+    return wrapper
