@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-WAIT_S = 0.5  # the most a slider update waits for encodes to finish
+WAIT_S = 1.0  # the most a slider update waits for encodes to finish
 
 _cond = threading.Condition()
 _running = 0

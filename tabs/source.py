@@ -238,14 +238,19 @@ def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks, box: gr.Tabs)
         return out
 
     heavy = {"concurrency_id": "encode", "concurrency_limit": 2, "trigger_mode": "always_last"}
+    first = {"concurrency_id": "first_picture", "concurrency_limit": 2}
 
     def chain(event):
         # Encode first; then draw the open tab with the controls' values as they are *then*
         # (a slider moved during the encode is not overwritten by stale values); then its
         # slow pictures, if any.
-        drawn = w.on(event.then, draw_open, [session] + tab_in, tab_out, "draw_open", **QUIET)
+        # its own queue: the first picture after an upload never waits behind other people's
+        # slider updates (which meanwhile give way to the encodes, tabs/priority.py)
+        drawn = w.on(event.then, draw_open, [session] + tab_in, tab_out, "draw_open",
+                     **{**QUIET, **first})
         if later_tabs:
-            w.on(drawn.then, later_open, [session] + later_in, later_out, **QUIET)
+            # the figure can wait for others' encodes, as the sliders do
+            w.on(drawn.then, priority.yielding(later_open), [session] + later_in, later_out, **QUIET)
 
     enc_in = [session, *src.inputs, *tab_in]
 
