@@ -141,6 +141,8 @@ def test_upload_and_move_every_slider(page):
     page.get_by_role("tab", name="Resampler").click()
     page.wait_for_selector("#resampler-overlay img")
     old, stats = src(page, "resampler-overlay"), text(page, "resampler-stats")
+    page.wait_for_selector("#resampler-plot img, #resampler-plot svg, #resampler-plot canvas")
+    old_plot = page.inner_html("#resampler-plot")
     drag(page, "resampler-latents", 0.05)
     wait_changed(page, "resampler-overlay", old, "resampler-stats", stats)
     assert tokens_out(text(page, "resampler-stats")) < tokens_out(stats)
@@ -156,7 +158,11 @@ def test_upload_and_move_every_slider(page):
         arg=max(latents - 1, 1), timeout=10_000)
     assert page.query_selector("#resampler-task-image img") is not None
     assert "CC" in text(page, "resampler-task-text")
+    # the figure (the release's second step) is redrawn for the new count
+    page.wait_for_function("old => document.querySelector('#resampler-plot').innerHTML !== old",
+                           arg=old_plot, timeout=30_000)
     page.wait_for_selector("#resampler-plot img, #resampler-plot svg, #resampler-plot canvas")
+    settle(page, "resampler-plot")
     page.screenshot(path=str(ARTIFACTS / "resampler.png"), full_page=True)
 
 
