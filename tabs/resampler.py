@@ -6,19 +6,7 @@ import gradio as gr
 
 from viz.panels import has_fit, resampler_panel, resampler_title
 
-from .common import (
-    LIVE,
-    NO_TARGETS,
-    OVERLAY_H,
-    Details,
-    Steps,
-    Tab,
-    Wiring,
-    export_box,
-    guarded,
-    need,
-    stats_md,
-)
+from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need, stats_md
 
 ID = "resampler"
 INITS = [("k-means", "kmeans"), ("random", "random"), ("fit", "fit")]
@@ -67,13 +55,6 @@ def do_fit(session, latents, depth, selected, progress=gr.Progress()):  # noqa: 
     return render(session, latents, depth, "fit", selected, True, progress)
 
 
-def _selected_range(count, chosen) -> dict:
-    """The "Latent to show large" slider over latents 0 .. count - 1 (a slider needs a range: at
-    least 0 .. 1, where a 1 shows the one latent there is)."""
-    last = max(int(count) - 1, 1)
-    return gr.update(maximum=last, value=min(int(chosen), last))
-
-
 def build(w: Wiring) -> Tab:
     details = Details(ID)
     with gr.Tab("Resampler", id=ID) as tab:
@@ -119,9 +100,6 @@ def build(w: Wiring) -> Tab:
         w.on(slider.input, render_live, inputs, [overlay, stats], "resample_live", **LIVE)
     for trigger in (latents.release, selected.release, depth.release, init.input):
         steps.on_release(w, trigger, inputs, live + details.outputs, plot)
-    # "Latent to show large" ranges over the latents there are
-    latents.release(lambda count, chosen: _selected_range(count, chosen), [latents, selected], selected,
-                    api_visibility="private", **NO_TARGETS)
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
                    api_visibility="private", **LIVE)
     w.on(fit_button.click, fitted, [w.session, latents, depth, selected], full, "fit",
@@ -131,7 +109,7 @@ def build(w: Wiring) -> Tab:
     def fit(enc, latents, _depth, _init, selected):
         n = enc.num_patches
         return [gr.update(maximum=max(n, 2), value=min(int(latents), n)),
-                _selected_range(min(int(latents), n), selected)]
+                gr.update(maximum=max(n - 1, 1), value=min(int(selected), n - 1))]
 
     # first the overlay and the numbers, then the figure (the slowest picture)
     return Tab(ID, tab, inputs[1:], live, steps.quick, [latents, selected], fit,
