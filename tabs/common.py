@@ -162,8 +162,8 @@ class Wiring:
         self._named: set[str] = set()
 
     def on(self, trigger, fn, inputs, outputs, name: str | None = None, **kw):
-        if kw.get("trigger_mode") == "always_last" and kw.get("concurrency_id") == "live":
-            fn = yielding(fn)  # an interactive update (LIVE) gives way to running encodes
+        if LIVE.items() <= kw.items():  # registered as an interactive update (**LIVE):
+            fn = yielding(fn)  # it gives way to running encodes (tabs/priority.py)
         if name and name not in self._named:
             self._named.add(name)
             return trigger(fn, inputs, outputs, api_name=name, **kw)

@@ -261,6 +261,11 @@ def test_compare_budget_changes_every_tile_and_the_table(page):
         else:
             assert diff > 0.6, f"{name}'s tile did not change ({diff:.2f})"
     assert text(page, "compare-table") != old_table
+    # once released, the grid, table and note are the slider's budget (not a value passed mid-drag)
+    budget = int(float(page.locator("#compare-budget input[type=range]").input_value()))
+    page.wait_for_function("m => document.querySelector('#compare-note').innerText.includes("
+                           "'budget M = ' + m + ' ')", arg=budget, timeout=30_000)
+    settle(page, "compare-grid", "compare-table")
     page.screenshot(path=str(ARTIFACTS / "compare.png"), full_page=True)
 
 
