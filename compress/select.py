@@ -31,9 +31,8 @@ from .types import Compression, Encoding
 
 VISPRUNER_IMPORTANT_RATIO = 0.5  # the authors' default (--important_ratio in their eval scripts)
 VISPRUNER_PER_ROUND = 8  # at most this many duplicates are dropped per round (their constant)
-_LIST = 32  # most-similar partners listed per token (a round reads them in order)
+_LIST = 48  # most-similar partners listed per token (a round reads them in order)
 _RELIST = 128  # room per token: a token listed anew alone (its partners were dropped) lists this many
-_REBUILD = 0.5  # list anew among the survivors when they fall below this share of the listed
 
 
 @numba.njit(cache=True, nogil=True, fastmath=True)
@@ -68,9 +67,28 @@ def _relist(unit, row, cur, lists, sims, in_b):  # pragma: no cover - compiled
 
 
 @numba.njit(cache=True, nogil=True)
-def _rounds(unit, cur, keep, per_round, floor, lists, sims, tok, last, dropped, rnd):  # pragma: no cover
-    """VisPruner's rounds on ``cur`` (rows of ``unit``, in list order) until ``keep`` remain or the
-    list falls below ``floor``; returns (the list, the next round's number). Compiled (numba).
+def _descending(score):  # pragma: no cover - compiled
+    """``np.argsort(-score, kind="stable")`` for float32 scores, by one sort of packed keys: the
+    score's bits, made to order as unsigned integers (descending), above the position (ties in
+    list order). Five times quicker than numba's merge sort here."""
+    n = score.shape[0]
+    bits = score.view(np.uint32)
+    key = np.empty(n, dtype=np.uint64)
+    for t in range(n):
+        b = bits[t] if bits[t] != np.uint32(0x80000000) else np.uint32(0)  # -0.0 ties with 0.0
+        up = (~b) if (b >> np.uint32(31)) else (b | np.uint32(0x80000000))  # ascending order
+        key[t] = (np.uint64(~up & np.uint32(0xFFFFFFFF)) << np.uint64(32)) | np.uint64(t)
+    key.sort()
+    order = np.empty(n, dtype=np.int64)
+    for t in range(n):
+        order[t] = np.int64(key[t] & np.uint64(0xFFFFFFFF))
+    return order
+
+
+@numba.njit(cache=True, nogil=True)
+def _rounds(unit, cur, keep, per_round, lists, sims, tok, last, dropped):  # pragma: no cover
+    """VisPruner's rounds on ``cur`` (rows of ``unit``, in list order) until ``keep`` remain;
+    returns them in list order. Compiled (numba).
 
     A token's score is its highest cosine to a B token: the first B token in its most-similar
     list ``lists``/``sims`` (descending; every unlisted survivor is at most as similar as the
@@ -81,11 +99,12 @@ def _rounds(unit, cur, keep, per_round, floor, lists, sims, tok, last, dropped, 
     """
     in_b = np.zeros(unit.shape[0], dtype=np.bool_)
     width = lists.shape[1]
+    rnd = 0
     while True:
         size = cur.shape[0]
         r = min(per_round, size - keep)
-        if r <= 0 or size < floor:
-            return cur, rnd
+        if r <= 0:
+            return cur
         a, b = cur[0::2], cur[1::2]
         r = min(r, a.shape[0])
         for j in range(b.shape[0]):
@@ -101,7 +120,7 @@ def _rounds(unit, cur, keep, per_round, floor, lists, sims, tok, last, dropped, 
                     break
             if not found:  # list the survivors anew for this token, then read B from them
                 score[t] = _relist(unit, row, cur, lists, sims, in_b)
-        order = np.argsort(-score, kind="mergesort")  # stable: ties keep list order
+        order = _descending(score)  # stable: ties keep list order
         nxt = np.empty(size - r, dtype=cur.dtype)
         for t in range(a.shape[0]):
             last[tok[a[t]]] = score[t]
@@ -135,35 +154,30 @@ def _drop_duplicates(unit: torch.Tensor, residual: torch.Tensor, keep: int, per_
     residual tokens (``knn.nearest``: no N x N matrix is kept), and a round
     reads the first listed token in B (``_rounds``, compiled: about
     (N - keep) / 8 small dependent rounds). A token none of whose listed
-    tokens is in B is listed anew alone; when the survivors fall below half
-    of the tokens listed, all are listed anew among themselves.
+    tokens is in B is listed anew alone, among the survivors. (Listing all
+    survivors anew when half are gone, as before, took 317 ms at N = 4096
+    against 256 for relisting alone with lists of 48 instead of 32.)
     """
     device = unit.device
-    unit = unit.detach().float().cpu()
     n = unit.shape[0]
-    tok = residual.cpu().numpy().astype(np.int64)  # row -> patch, for the listed tokens
-    cur = np.arange(tok.size, dtype=np.int64)
+    tok = residual.cpu().numpy().astype(np.int64)  # row -> patch
+    pick = torch.from_numpy(tok)
+    rows = unit.detach().float().cpu()[pick].contiguous()
+    if gram is None:
+        sims, lists = nearest(rows, _LIST, "dot")
+    else:
+        sims, lists = gram.cpu()[pick][:, pick].topk(min(_LIST, tok.size), dim=1)
+    # Room for _RELIST partners; the rest of each row is the token itself (never in B when it is
+    # scored, so never read as a partner).
+    width = min(_RELIST, tok.size)
+    room = np.repeat(np.arange(tok.size, dtype=np.int64)[:, None], width, axis=1)
+    room_sims = np.full((tok.size, width), -np.inf, dtype=np.float32)
+    room[:, :lists.shape[1]] = lists.numpy()
+    room_sims[:, :lists.shape[1]] = sims.numpy()
     last = np.full(n, np.nan, dtype=np.float32)
     dropped = np.full(n, -1, dtype=np.int64)
-    rnd = 0
-    while cur.size > keep:
-        tok = tok[cur]
-        pick = torch.from_numpy(tok)
-        rows = unit[pick].contiguous()
-        if gram is None:
-            sims, lists = nearest(rows, _LIST, "dot")
-        else:
-            sims, lists = gram.cpu()[pick][:, pick].topk(min(_LIST, tok.size), dim=1)
-        floor = int(_REBUILD * tok.size) if tok.size > _LIST else 0
-        # Room for _RELIST partners; the rest of each row is the token itself (never in B when
-        # it is scored, so never read as a partner).
-        width = min(_RELIST, tok.size)
-        room = np.repeat(np.arange(tok.size, dtype=np.int64)[:, None], width, axis=1)
-        room_sims = np.full((tok.size, width), -np.inf, dtype=np.float32)
-        room[:, :lists.shape[1]] = lists.numpy()
-        room_sims[:, :lists.shape[1]] = sims.numpy()
-        cur, rnd = _rounds(rows.numpy(), np.arange(tok.size, dtype=np.int64), keep, per_round, floor,
-                           room, room_sims, tok, last, dropped, rnd)
+    cur = _rounds(rows.numpy(), np.arange(tok.size, dtype=np.int64), keep, per_round, room,
+                  room_sims, tok, last, dropped)
     return (torch.from_numpy(tok[cur]).to(device), torch.from_numpy(last).to(device),
             torch.from_numpy(dropped).to(device))
 
@@ -484,5 +498,5 @@ def compile_kernels() -> None:
     and no request waits for it."""
     gen = torch.Generator().manual_seed(0)
     unit = F.normalize(torch.randn(40, 4, generator=gen), dim=1)
-    _drop_duplicates(unit, torch.arange(40), 4, 8)  # 40 tokens, lists of 32: some are relisted
+    _drop_duplicates(unit, torch.arange(40), 4, 8)  # compiles _rounds and what it calls
     nearest(unit, 2, "sqdist", panel=8, with_extreme=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -406,3 +407,20 @@ def test_bad_arguments_are_clear_value_errors(case):
     call, message = BAD[case]
     with pytest.raises(ValueError, match=message):
         call(vis_enc())
+
+
+@pytest.mark.parametrize("kind", ["distinct", "many ties", "signed zeros and infinities"])
+def test_vispruner_round_order_is_a_stable_descending_sort(kind):
+    # A round's next list is A by descending score, ties in list order: the packed-key sort must
+    # equal numpy's stable argsort of the negated scores (-0.0 and 0.0 tie, as they compare).
+    rng = np.random.default_rng(3)
+    for n in (1, 2, 7, 300):
+        score = rng.standard_normal(n).astype(np.float32)
+        if kind == "many ties":
+            score = np.round(score).astype(np.float32)
+        elif kind.startswith("signed"):
+            score[::2] = 0.0
+            score[::3] = -0.0
+            score[-1] = -np.inf
+            score[0] = np.inf
+        assert select_mod._descending(score).tolist() == np.argsort(-score, kind="stable").tolist()
