@@ -55,14 +55,17 @@ def attention_mass_kept(enc: Encoding, comp: Compression) -> float | None:
     return float(attn[comp.kept_mask()].sum() / attn.sum())
 
 
-def summary(enc: Encoding, comp: Compression) -> dict:
-    """N, M, ratio, fidelity, attention mass kept and time, as plain Python numbers."""
+def summary(enc: Encoding, comp: Compression, with_fidelity: bool = True) -> dict:
+    """N, M, ratio, fidelity, attention mass kept and time, as plain Python numbers.
+
+    ``with_fidelity=False`` leaves ``fidelity`` None (a slider being dragged: the one
+    multiplication of every update that nobody reads until the slider rests)."""
     return {
         "strategy": comp.strategy,
         "N": comp.num_in,
         "M": comp.num_out,
         "ratio": round(comp.ratio, 3),
-        "fidelity": round(fidelity(enc, comp), 4),
+        "fidelity": round(fidelity(enc, comp), 4) if with_fidelity else None,
         "attention_mass_kept": (
             None if (m := attention_mass_kept(enc, comp)) is None else round(m, 4)
         ),

@@ -23,7 +23,7 @@ import gradio as gr
 
 from compress import ImageError, WeightsUnavailable
 from compress.cache import EncodingCache
-from viz.panels import Panel, downstream_view, export_json, inspector_view
+from viz.panels import Panel, complete, downstream_view, export_json, inspector_view
 
 from .priority import yielding
 
@@ -122,8 +122,9 @@ def stats_md(p: Panel, extra: str = "") -> str:
     kept_txt = "n/a (no CLS)" if kept is None else f"{kept:.3f}"
     change = (f"{1 - s['M'] / s['N']:.0%} fewer" if s["M"] <= s["N"]
               else f"{s['M'] / s['N']:.1f}x more tokens than patches")
+    fid = "**…** (when the slider rests)" if s["fidelity"] is None else f"**{s['fidelity']:.4f}**"
     return (f"### {s['N']} → {s['M']} tokens ({s['ratio']:.2f}x, {change})\n"
-            f"fidelity **{s['fidelity']:.4f}** · attention kept **{kept_txt}** · "
+            f"fidelity {fid} · attention kept **{kept_txt}** · "
             f"strategy {p.strategy_ms:.1f} ms · drawing {p.draw_ms:.1f} ms{extra}")
 
 
@@ -301,8 +302,12 @@ class Steps:
         self.render, self.details, self.figure_kw = render, details, figure_kw
 
     def quick(self, session, *values) -> list:
-        """The pictures and numbers, no figure: what a slider being dragged shows."""
+        """The pictures and numbers, no figure: a first picture, a released control."""
         return self.render(session, *values, with_figure=False)
+
+    def drag(self, session, *values) -> list:
+        """What a slider being dragged shows: ``quick`` without fidelity (on release)."""
+        return self.render(session, *values, with_figure=False, numbers=False)
 
     def figure(self, session, *values):
         return self.render(session, *values, **self.figure_kw)[-1]
@@ -346,6 +351,7 @@ def do_export(session, tab: str):
     p = session.panels.get(tab)
     if p is None:
         raise gr.Error("Nothing to export yet.")
+    complete(enc, p)  # the numbers a dragged slider left for its release
     folder = _export_folder()
     png = folder / f"{tab}-overlay.png"
     p.overlay.save(png)

@@ -21,10 +21,13 @@ cosine of a patch to its best output token)."""
 
 
 @guarded
-def render(session, method: str, threshold: float, target: int, fill: str, with_figure: bool = True):
-    """[overlay, stats] (+ [figure]) for the current encoding."""
+def render(session, method: str, threshold: float, target: int, fill: str, with_figure: bool = True,
+           numbers: bool = True):
+    """[overlay, stats] (+ [figure]) for the current encoding (``numbers=False``: a slider
+    being dragged, fidelity on release)."""
     enc = need(session)
-    p = merge_panel(enc, method, float(threshold), int(target), fill, with_figure=with_figure)
+    p = merge_panel(enc, method, float(threshold), int(target), fill, with_figure=with_figure,
+                    numbers=numbers)
     session.panels[ID] = p
     out = [p.overlay, stats_md(p)]
     return out + [p.figure] if with_figure else out
@@ -61,7 +64,8 @@ def build(w: Wiring) -> Tab:
     def by(chosen: str, with_details: bool):
         # the slider a user touches picks the method it belongs to
         def fn(session, _method, threshold, target, fill):
-            out = render(session, chosen, threshold, target, fill, with_figure=False)
+            out = render(session, chosen, threshold, target, fill, with_figure=False,
+                         numbers=with_details)
             return [gr.skip() if _method == chosen else chosen, *out,
                     *(details.view(session) if with_details else [])]
         return fn
@@ -77,8 +81,8 @@ def build(w: Wiring) -> Tab:
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
                    api_visibility="private", **LIVE)
     # API-only: the live update with the method it is given (the UI's sliders pick theirs)
-    api_only.click(lambda *a: render(*a, with_figure=False), inputs, live, api_name="merge_live",
-                   **LIVE)
+    api_only.click(lambda *a: render(*a, with_figure=False, numbers=False), inputs, live,
+                   api_name="merge_live", **LIVE)
 
     def fit(enc, _method, _threshold, target, _fill):
         n = enc.num_patches

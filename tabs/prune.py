@@ -36,11 +36,12 @@ def _head(value: str):
 
 
 @guarded
-def render(session, score: str, head: str, keep: float, heatmap: bool, with_figure: bool = True):
+def render(session, score: str, head: str, keep: float, heatmap: bool, with_figure: bool = True,
+           numbers: bool = True):
     """[overlay, stats] (+ [figure]) for the current encoding and query patch."""
     enc = need(session)
     p = prune_panel(enc, float(keep), score, _head(head), session.query, bool(heatmap),
-                    with_figure=with_figure)
+                    with_figure=with_figure, numbers=numbers)
     session.panels[ID] = p
     extra = ""
     if score == "query":
@@ -111,7 +112,7 @@ def build(w: Wiring) -> Tab:
         session.query = patch
         return ["query", *render(session, "query", head, keep, heatmap), *details.view(session)]
 
-    w.on(keep.input, steps.quick, inputs, live, "prune_live", **LIVE)
+    w.on(keep.input, steps.drag, inputs, live, "prune_live", **LIVE)
     w.on(api_full.click, steps.everything, inputs, full, "prune", **LIVE)
     for trigger in (keep.release, score.input, head.input, heat.input):
         steps.on_release(w, trigger, inputs, live + details.outputs, plot)

@@ -21,13 +21,14 @@ shows the raw mechanism, *fit* trains it on this image for a few seconds."""
 @guarded
 def render_live(session, latents: int, depth: int, init: str, selected: int):
     """[overlay, stats] while a slider is dragged: the latent maps follow on release."""
-    out = render(session, latents, depth, init, selected, with_figure=False, with_maps=False)
+    out = render(session, latents, depth, init, selected, with_figure=False, with_maps=False,
+                 numbers=False)
     return [out[0], out[3]]
 
 
 @guarded
 def render(session, latents: int, depth: int, init: str, selected: int, with_figure: bool = True,
-           progress=None, with_maps: bool = True):
+           progress=None, with_maps: bool = True, numbers: bool = True):
     """[overlay, every latent's map, the selected latent's map, stats] (+ [figure])."""
     enc = need(session)
     latents = min(int(latents), enc.num_patches)
@@ -39,7 +40,7 @@ def render(session, latents: int, depth: int, init: str, selected: int, with_fig
         def cb(step, steps, loss):
             progress((step, steps), desc=f"fitting: loss {loss:.4f}")
     p = resampler_panel(enc, latents, int(depth), run_init, 0, int(selected), progress=cb,
-                        with_figure=with_figure, with_maps=with_maps)
+                        with_figure=with_figure, with_maps=with_maps, numbers=numbers)
     session.panels[ID] = p
     extra = f" · {resampler_title(p.comp)}" + note
     if p.comp.extra["loss"]:

@@ -330,15 +330,16 @@ def test_fresh_session_before_encode_says_upload_first(app_url):
 
 
 def test_two_sessions_keep_separate_state(app_url):
+    # the released endpoint (/merge): its numbers include fidelity, which tells the photos apart
     a, b = new_client(app_url), new_client(app_url)
     encode(a, "coffee.jpg")
-    before = one_stats(a.predict(*MERGE, api_name="/merge_live"))
+    before = one_stats(a.predict(*MERGE, api_name="/merge"))
     job_b = b.submit(handle_file(str(ASSETS / "chelsea.jpg")), "dinov2-s14", 336, 12, False,
                      *MERGE, *PRUNE, *RES, api_name="/encode")
-    during = one_stats(a.predict(*MERGE, api_name="/merge_live"))
+    during = one_stats(a.predict(*MERGE, api_name="/merge"))
     out_b = job_b.result()
-    after = one_stats(a.predict(*MERGE, api_name="/merge_live"))
-    of_b = one_stats(b.predict(*MERGE, api_name="/merge_live"))
+    after = one_stats(a.predict(*MERGE, api_name="/merge"))
+    of_b = one_stats(b.predict(*MERGE, api_name="/merge"))
     assert numbers(during) == numbers(before)
     assert numbers(after) == numbers(before)
     assert numbers(of_b) == numbers(stats_of(out_b)[0])  # B sees chelsea...
@@ -412,6 +413,10 @@ def test_export_merge_png_and_json(client):
     n, m = counts(one_stats(shown))
     assert doc["metrics"]["N"] == n == 576
     assert doc["metrics"]["M"] == m == len(set(labels))
+    # a dragged slider leaves fidelity for its release; the export fills it in
+    assert "fidelity **…** (when the slider rests)" in one_stats(shown)
+    released = one_stats(client.predict("threshold", 0.9, 144, "mean", api_name="/merge"))
+    assert f"fidelity **{doc['metrics']['fidelity']:.4f}**" in released
 
 
 def test_export_prune_kept_indices_follow_the_slider(client):

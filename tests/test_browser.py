@@ -126,6 +126,8 @@ def test_upload_and_move_every_slider(page):
         wait_changed(page, "merge-overlay", old, "merge-stats", stats)
         settle(page, "merge-overlay", "merge-stats")  # the release event's full update lands last
         assert tokens_out(text(page, "merge-stats")) != tokens_out(stats) or elem == "merge-target"
+        # fidelity, left out while the slider moved, is there once it rests
+        assert re.search(r"fidelity \d\.\d{4}", text(page, "merge-stats")), text(page, "merge-stats")
     assert page.locator("#merge-method input[value='tome']").is_checked()
     page.screenshot(path=str(ARTIFACTS / "merge.png"), full_page=True)
 

@@ -85,16 +85,26 @@ def threshold_curve(enc: Encoding, connectivity: int = 4) -> tuple[np.ndarray, n
     return _memo(enc, f"threshold_curve_{connectivity}", make)
 
 
-def _stats(enc: Encoding, comp: Compression, strategy_ms: float) -> dict:
-    s = summary(enc, comp)
+def _stats(enc: Encoding, comp: Compression, strategy_ms: float, numbers: bool = True) -> dict:
+    s = summary(enc, comp, with_fidelity=numbers)
     s["ms"] = round(strategy_ms, 1)
     return s
 
 
+def complete(enc: Encoding, p: Panel) -> Panel:
+    """``p`` with the numbers a dragged slider left out (fidelity) filled in."""
+    if p.stats.get("fidelity", 0.0) is None:
+        p.stats["fidelity"] = summary(enc, p.comp)["fidelity"]
+    return p
+
+
 def merge_panel(enc: Encoding, method: str = "threshold", threshold: float = 0.9,
                 target: int = 144, fill: str = "mean", connectivity: int = 4,
-                with_figure: bool = True, display: int = DEFAULT_DISPLAY) -> Panel:
-    """Token merging: clusters filled with their mean (or a distinct) colour, with borders."""
+                with_figure: bool = True, display: int = DEFAULT_DISPLAY,
+                numbers: bool = True) -> Panel:
+    """Token merging: clusters filled with their mean (or a distinct) colour, with borders.
+
+    ``numbers=False`` (a slider being dragged): fidelity is left out (``complete`` adds it)."""
     t0 = time.perf_counter()
     if method == "threshold":
         comp = merge_threshold(enc, threshold, connectivity)
@@ -110,13 +120,14 @@ def merge_panel(enc: Encoding, method: str = "threshold", threshold: float = 0.9
         ts, left = threshold_curve(enc, connectivity)
         figure = similarity_plot(sims, threshold, ts, left, comp.num_out)
     t2 = time.perf_counter()
-    return Panel(overlay, comp, _stats(enc, comp, (t1 - t0) * 1e3), figure,
+    return Panel(overlay, comp, _stats(enc, comp, (t1 - t0) * 1e3, numbers), figure,
                  strategy_ms=(t1 - t0) * 1e3, draw_ms=(t2 - t1) * 1e3)
 
 
 def prune_panel(enc: Encoding, keep_ratio: float = 0.25, score: str = "cls",
                 head: int | None = None, query: int | None = None, heatmap: bool = False,
-                with_figure: bool = True, display: int = DEFAULT_DISPLAY) -> Panel:
+                with_figure: bool = True, display: int = DEFAULT_DISPLAY,
+                numbers: bool = True) -> Panel:
     """Attention pruning: pruned patches darkened, kept ones outlined, query marked."""
     t0 = time.perf_counter()
     if score == "cls" and enc.cls_attn is None:
@@ -132,7 +143,7 @@ def prune_panel(enc: Encoding, keep_ratio: float = 0.25, score: str = "cls",
                          query=marker, display=display)
     figure = pruning_plot(scores, keep_ratio) if with_figure else None
     t2 = time.perf_counter()
-    return Panel(overlay, comp, _stats(enc, comp, (t1 - t0) * 1e3), figure,
+    return Panel(overlay, comp, _stats(enc, comp, (t1 - t0) * 1e3, numbers), figure,
                  strategy_ms=(t1 - t0) * 1e3, draw_ms=(t2 - t1) * 1e3)
 
 
@@ -147,7 +158,8 @@ def resampler_title(comp: Compression) -> str:
 
 def resampler_panel(enc: Encoding, num_latents: int = 64, depth: int = 2, init: str = "kmeans",
                     seed: int = 0, selected: int = 0, progress=None, with_figure: bool = True,
-                    display: int = DEFAULT_DISPLAY, with_maps: bool = True) -> Panel:
+                    display: int = DEFAULT_DISPLAY, with_maps: bool = True,
+                    numbers: bool = True) -> Panel:
     """Perceiver Resampler: patches coloured by their strongest latent, plus per-latent maps
     (``extra["grid"]``, ``extra["single"]``; None without ``with_maps``: a slider being dragged)."""
     t0 = time.perf_counter()
@@ -173,7 +185,7 @@ def resampler_panel(enc: Encoding, num_latents: int = 64, depth: int = 2, init: 
     if with_figure:
         figure = resampler_plot(comp.assign, comp.extra["loss"], comp.extra["trained"])
     t2 = time.perf_counter()
-    stats = _stats(enc, comp, (t1 - t0) * 1e3)
+    stats = _stats(enc, comp, (t1 - t0) * 1e3, numbers)
     stats["trained"] = comp.extra["trained"]
     stats["latent_mass"] = round(float(comp.extra["latent_mass"][-1].mean()), 4)
     return Panel(overlay, comp, stats, figure, {"grid": grid_img, "single": single},
