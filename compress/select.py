@@ -493,10 +493,14 @@ def dart(enc: Encoding, target: int, pivots: int = DART_PIVOTS, pivot_by: str = 
 
 
 def compile_kernels() -> None:
-    """Compile the compiled loops (VisPruner's rounds, ``knn.nearest``), or load them from numba's
-    cache: ~10 s once after a fresh checkout, so the app runs this at start-up, in the background,
-    and no request waits for it."""
+    """Compile the compiled loops (VisPruner's rounds, ``knn.nearest``, the ToMe merge inside the
+    ViT), or load them from numba's cache: ~25 s once after a fresh checkout, so the app runs
+    this at start-up, in the background, and no request waits for it."""
+    from .inside import bipartite_merge  # here: inside imports this module
+
     gen = torch.Generator().manual_seed(0)
     unit = F.normalize(torch.randn(40, 4, generator=gen), dim=1)
     _drop_duplicates(unit, torch.arange(40), 4, 8)  # compiles _rounds and what it calls
     nearest(unit, 2, "sqdist", panel=8, with_extreme=True)
+    with torch.no_grad():
+        bipartite_merge(torch.randn(41, 4, generator=gen), torch.ones(40), unit, 4, num_prefix=1)

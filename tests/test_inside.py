@@ -87,7 +87,13 @@ def test_registers_r0_equals_encode_and_prefix_is_protected(registers):
 # --- ToMe: the bipartite round, by hand ---------------------------------------------------
 
 
-def test_bipartite_merge_hand_case_with_a_cls_token():
+# The forward runs without autograd on a CPU, where the merge is one compiled call; with
+# autograd (or on a GPU, or in bf16) it is torch's operations. Both must follow the rule.
+PATHS = {"compiled (CPU, no grad)": torch.no_grad, "torch ops": torch.enable_grad}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_bipartite_merge_hand_case_with_a_cls_token(path):
     # One prefix token (CLS) sits at position 0, so mergeable token j is at position j + 1:
     # A = j 1, 3, 5 (even positions), B = j 0, 2, 4 -- ToMe's split of the full sequence.
     metric = torch.tensor([[1, 0], [1, 0.1], [0, 1], [0.2, 1], [-1, 0], [-1, 0.5]])
@@ -96,7 +102,8 @@ def test_bipartite_merge_hand_case_with_a_cls_token():
     cls = [-7.0, -70.0]
     x = torch.tensor([cls] + [[float(j), 10.0 * j] for j in range(6)])  # CLS first, then j = 0..5
     size = torch.tensor([1.0, 3, 1, 1, 2, 1])
-    out, new_size, match = bipartite_merge(x, size, metric, r=2, num_prefix=1)
+    with PATHS[path]():
+        out, new_size, match = bipartite_merge(x, size, metric, r=2, num_prefix=1)
     # Order: CLS untouched, unmerged A (j5), then B: j0 + j1 (sizes 1 + 3), j2 + j3 (1 + 1), j4.
     expected = torch.tensor([cls, [5, 50], [(0 + 3 * 1) / 4, (0 + 3 * 10) / 4], [2.5, 25], [4, 40]])
     assert torch.allclose(out, expected)
@@ -104,16 +111,39 @@ def test_bipartite_merge_hand_case_with_a_cls_token():
     assert merge_where(6, 1, match).tolist() == [1, 1, 2, 2, 3, 0]
 
 
-def test_bipartite_merge_hand_case_without_prefix_keeps_tomes_order():
+@pytest.mark.parametrize("path", PATHS)
+def test_bipartite_merge_hand_case_without_prefix_keeps_tomes_order(path):
     # No prefix: A = j 0, 2, 4, B = j 1, 3, 5. Edges by hand: j0 -> j1 cos 1.0;
     # j2 -> j3: 2/sqrt(5) = 0.894; j4 -> j5: 3/sqrt(10) = 0.949. r = 1 merges j0 into j1.
     metric = torch.tensor([[1.0, 0], [1, 0], [1, 2], [0, 1], [-3, 1], [-1, 0]])
     x = torch.tensor([[float(j), 10.0 * j] for j in range(6)])
-    out, new_size, match = bipartite_merge(x, torch.ones(6), metric, r=1, num_prefix=0)
+    with PATHS[path]():
+        out, new_size, match = bipartite_merge(x, torch.ones(6), metric, r=1, num_prefix=0)
     # Without a CLS token ToMe does not sort the unmerged A tokens: by similarity, j4 then j2.
     assert torch.allclose(out, torch.tensor([[4.0, 40], [2, 20], [0.5, 5], [3, 30], [5, 50]]))
     assert new_size.tolist() == [1, 1, 2, 1, 1]
     assert merge_where(6, 0, match).tolist() == [2, 2, 1, 3, 0, 4]
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 4])
+@pytest.mark.parametrize("ties", [False, True])
+def test_compiled_merge_equals_torch_ops_bit_for_bit(prefix, ties):
+    # Random tokens, uneven sizes, r up to the cap; with ties, many equal similarities (rounded
+    # metrics) so the stable order and the first maximum decide.
+    gen = torch.Generator().manual_seed(prefix + 10 * ties)
+    for t, r in ((9, 3), (40, 11), (41, 20), (256, 16)):
+        x = torch.randn(prefix + t, 24, generator=gen)
+        size = torch.randint(1, 5, (t,), generator=gen).float()
+        metric = torch.randn(t, 8, generator=gen)
+        if ties:
+            metric = metric.round()
+            metric[metric.norm(dim=1) == 0] = 1.0
+        with torch.no_grad():
+            fast = bipartite_merge(x, size, metric, r, num_prefix=prefix)
+        with torch.enable_grad():
+            ref = bipartite_merge(x, size, metric, r, num_prefix=prefix)
+        assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
+        assert all(torch.equal(a, b) for a, b in zip(fast[2], ref[2], strict=True))
 
 
 def test_r_is_capped_at_half_the_mergeable_tokens():
