@@ -6,7 +6,19 @@ import gradio as gr
 
 from viz.panels import has_fit, resampler_panel, resampler_title
 
-from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need, stats_md
+from .common import (
+    LIVE,
+    NO_TARGETS,
+    OVERLAY_H,
+    Details,
+    Steps,
+    Tab,
+    Wiring,
+    export_box,
+    guarded,
+    need,
+    stats_md,
+)
 
 ID = "resampler"
 INITS = [("k-means", "kmeans"), ("random", "random"), ("fit", "fit")]
@@ -56,6 +68,12 @@ def do_fit(session, latents, depth, selected, progress=gr.Progress()):  # noqa: 
     return render(session, latents, depth, "fit", selected, True, progress)
 
 
+def clamp_selected(latents, selected):
+    """The selected-latent slider's value within 0 .. latents - 1 (unchanged when it is)."""
+    last = max(int(latents) - 1, 0)
+    return gr.update(value=last) if int(selected) > last else gr.skip()
+
+
 def build(w: Wiring) -> Tab:
     details = Details(ID)
     with gr.Tab("Resampler", id=ID) as tab:
@@ -74,7 +92,8 @@ def build(w: Wiring) -> Tab:
                                        elem_id="resampler-fit")
                 stats = gr.Markdown(elem_id="resampler-stats")
                 details.numbers()
-                selected = gr.Slider(0, 575, value=0, step=1, label="Latent to show large",
+                selected = gr.Slider(0, 575, value=0, step=1,
+                                     label="Latent to show large (0 to latents − 1)",
                                      elem_id="resampler-selected")
                 single = gr.Image(label="Selected latent's attention", format="jpeg",
                                   interactive=False, height=260, elem_id="resampler-single")
@@ -103,6 +122,10 @@ def build(w: Wiring) -> Tab:
         steps.on_release(w, trigger, inputs, live + details.outputs, plot)
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
                    api_visibility="private", **LIVE)
+    # fewer latents than the one shown large: the slider moves to the last latent, which is
+    # what the picture shows (its maximum stays: API calls with any latent count stay valid)
+    latents.release(clamp_selected, [latents, selected], [selected], api_visibility="private",
+                    queue=False, **NO_TARGETS)
     w.on(fit_button.click, fitted, [w.session, latents, depth, selected], full, "fit",
          concurrency_id="fit", concurrency_limit=1).then(
         lambda: "fit", None, init, api_visibility="private")

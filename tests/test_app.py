@@ -496,3 +496,16 @@ def test_compare_runs_every_strategy_at_the_budget(client):
     other = client.predict(100, api_name="/compare_live")
     assert differ(grid, other[0])
     assert other[1]["data"] != live_table["data"]
+
+
+def test_fewer_latents_move_the_selected_latent_slider_to_the_last_one():
+    # The page's latent-count release sends the selected-latent slider this update: a value past
+    # the new count becomes the last latent (what the picture shows), others stay untouched.
+    import gradio as gr
+
+    from tabs.resampler import clamp_selected
+
+    assert clamp_selected(29, 287)["value"] == 28
+    assert clamp_selected(1, 5)["value"] == 0
+    assert isinstance(clamp_selected(64, 63), type(gr.skip()))
+    assert isinstance(clamp_selected(64, 0), type(gr.skip()))

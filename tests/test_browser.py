@@ -142,6 +142,8 @@ def test_upload_and_move_every_slider(page):
     # Perceiver Resampler: the latent count.
     page.get_by_role("tab", name="Resampler").click()
     page.wait_for_selector("#resampler-overlay img")
+    drag(page, "resampler-selected", 0.5)  # latent ~287 of 64: shown as the last, 63
+    settle(page, "resampler-overlay", "resampler-stats", "resampler-single")
     old, stats = src(page, "resampler-overlay"), text(page, "resampler-stats")
     page.wait_for_selector("#resampler-plot img, #resampler-plot svg, #resampler-plot canvas")
     old_plot = page.inner_html("#resampler-plot")
@@ -154,6 +156,10 @@ def test_upload_and_move_every_slider(page):
     settle(page, "resampler-stats", "resampler-grid", "resampler-task-image", "resampler-task-text")
     latents = int(float(page.locator("#resampler-latents input[type=range]").input_value()))
     assert tokens_out(text(page, "resampler-stats")) == latents
+    # the latent shown large was beyond the new count: its slider now says the last one
+    page.wait_for_function(
+        "n => Number(document.querySelector('#resampler-selected input[type=range]').value) === n",
+        arg=latents - 1, timeout=10_000)
     assert page.query_selector("#resampler-task-image img") is not None
     assert "CC" in text(page, "resampler-task-text")
     # the figure (the release's second step) is redrawn for the new count
