@@ -71,8 +71,11 @@ def dpc_knn(enc: Encoding, target: int, k: int = DPC_K) -> Compression:
         return (sq[rows, None] + sq[None, cols] - 2.0 * x[rows] @ x[cols].T).clamp_(min=0.0) * scale
 
     # Each patch's nearest (itself first, at 0) and the largest distance of all, without the
-    # N x N matrix (knn.nearest: 64 MB at N = 4096).
-    near_d2, near, far2 = nearest(x, min(max(k, _PARENT_LIST), n), "sqdist", with_extreme=True)
+    # N x N matrix (knn.nearest: 64 MB at N = 4096); kept with the encoding, since no budget
+    # changes them (a slider move then skips the 130 ms at N = 4096).
+    width = min(max(k, _PARENT_LIST), n)
+    near_d2, near, far2 = enc.remember(("nearest_sqdist", width), lambda: nearest(
+        x, width, "sqdist", with_extreme=True), keep=2)
     near_d2 = near_d2 * scale
     all_rows = torch.arange(n, device=device)
     density = torch.exp(-near_d2[:, :k].mean(dim=1))

@@ -135,8 +135,28 @@ def _rounds(unit, cur, keep, per_round, lists, sims, tok, last, dropped):  # pra
         rnd += 1
 
 
+def _residual_lists(near: tuple, tok: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Each residual token's most-similar list among all patches (``near``: values and indices
+    [N, k], best first) kept to its residual partners, as rows of ``tok`` (patch of each row),
+    in the same order; the freed places at the end hold the row itself with -inf (never read).
+
+    Still exact for the rounds: a residual partner missing from a list is at most as similar
+    as the list's k-th (a patch), so at most as similar as any residual partner listed."""
+    values, index = (v.cpu().numpy() for v in near)
+    row_of = np.full(values.shape[0], -1, dtype=np.int64)
+    row_of[tok] = np.arange(tok.size)
+    rows = row_of[index[tok]]  # [R, k]: partners as rows, -1 for important patches
+    first = np.argsort(rows < 0, axis=1, kind="stable")  # residual partners first, in order
+    rows = np.take_along_axis(rows, first, axis=1)
+    sims = np.take_along_axis(values[tok], first, axis=1).astype(np.float32)
+    gone = rows < 0
+    rows[gone] = np.broadcast_to(np.arange(tok.size)[:, None], rows.shape)[gone]
+    sims[gone] = -np.inf
+    return sims, rows
+
+
 def _drop_duplicates(unit: torch.Tensor, residual: torch.Tensor, keep: int, per_round: int,
-                     gram: torch.Tensor | None = None):
+                     gram: torch.Tensor | None = None, near: tuple | None = None):
     """VisPruner's diversity rounds on ``residual`` (token indices in rank order) down to ``keep``.
 
     Each round splits the current list into A (even positions) and B (odd
@@ -151,7 +171,9 @@ def _drop_duplicates(unit: torch.Tensor, residual: torch.Tensor, keep: int, per_
     dropped [N] (-1 if not)).
 
     The scores are exact: each token lists its ``_LIST`` most similar
-    residual tokens (``knn.nearest``: no N x N matrix is kept), and a round
+    patches (``near``, ``knn.nearest`` over all N: no N x N matrix is kept;
+    the encoding keeps these lists, so a new budget reuses them) less the
+    important ones (``_residual_lists``), and a round
     reads the first listed token in B (``_rounds``, compiled: about
     (N - keep) / 8 small dependent rounds). A token none of whose listed
     tokens is in B is listed anew alone, among the survivors. (Listing all
@@ -163,17 +185,19 @@ def _drop_duplicates(unit: torch.Tensor, residual: torch.Tensor, keep: int, per_
     tok = residual.cpu().numpy().astype(np.int64)  # row -> patch
     pick = torch.from_numpy(tok)
     rows = unit.detach().float().cpu()[pick].contiguous()
-    if gram is None:
-        sims, lists = nearest(rows, _LIST, "dot")
-    else:
+    if gram is not None:
         sims, lists = gram.cpu()[pick][:, pick].topk(min(_LIST, tok.size), dim=1)
+        sims, lists = sims.numpy(), lists.numpy()
+    else:
+        sims, lists = _residual_lists(near or nearest(unit, _LIST, "dot"), tok)
     # Room for _RELIST partners; the rest of each row is the token itself (never in B when it is
     # scored, so never read as a partner).
     width = min(_RELIST, tok.size)
     room = np.repeat(np.arange(tok.size, dtype=np.int64)[:, None], width, axis=1)
     room_sims = np.full((tok.size, width), -np.inf, dtype=np.float32)
-    room[:, :lists.shape[1]] = lists.numpy()
-    room_sims[:, :lists.shape[1]] = sims.numpy()
+    k = min(lists.shape[1], width)
+    room[:, :k] = lists[:, :k]
+    room_sims[:, :k] = sims[:, :k]
     last = np.full(n, np.nan, dtype=np.float32)
     dropped = np.full(n, -1, dtype=np.int64)
     cur = _rounds(rows.numpy(), np.arange(tok.size, dtype=np.int64), keep, per_round, room,
@@ -249,9 +273,14 @@ def vispruner(
     else:
         # Only residual patches are listed: a patch is never compared with itself or an important
         # patch (neither is ever on side B when it is scored).
-        gram = enc.cosine_gram() if enc.keeps_gram else None  # kept with the encoding, shared
+        gram = near = None
+        if enc.keeps_gram:
+            gram = enc.cosine_gram()  # kept with the encoding, shared
+        else:  # every patch's nearest, kept with the encoding for the next budget (2.4 MB at N 4096)
+            near = enc.remember(("nearest_dot", _LIST), lambda: nearest(enc.unit_tokens(), _LIST,
+                                                                        "dot"))
         diverse, duplication, dropped_round = _drop_duplicates(enc.unit_tokens(), residual, num_div,
-                                                               per_round, gram)
+                                                               per_round, gram, near)
     role = torch.zeros(n, dtype=torch.long, device=device)
     role[important] = 1
     role[diverse] = 2

@@ -350,6 +350,18 @@ def test_dpc_knn_matches_tcformer_on_random_tokens(monkeypatch, clusters, k, pan
         assert torch.allclose(out.tokens[row], x[members[row]].mean(dim=0), atol=1e-5)
 
 
+def test_dpc_knn_budget_moves_reuse_the_kept_neighbours():
+    # The nearest lists are kept with the encoding (no budget changes them): later budgets and
+    # another k on the same encoding still give TCFormer's result.
+    gen = torch.Generator().manual_seed(11)
+    x = torch.randn(48, 6, generator=gen)
+    enc = make_encoding(x, (6, 8))
+    for clusters, k in ((5, 5), (12, 5), (3, 20), (8, 5)):
+        out = dpc_knn(enc, clusters, k=k)
+        assert out.extra["centres"][out.extra["labels"]].tolist() == reference_dpc_knn(x, clusters, k)
+    assert sum(isinstance(key, tuple) and key[0] == "nearest_sqdist" for key in enc.memo) == 2
+
+
 def test_dpc_knn_edges():
     enc = dpc_enc()
     one = dpc_knn(enc, 1, k=2)
@@ -424,3 +436,16 @@ def test_vispruner_round_order_is_a_stable_descending_sort(kind):
             score[-1] = -np.inf
             score[0] = np.inf
         assert select_mod._descending(score).tolist() == np.argsort(-score, kind="stable").tolist()
+
+
+def test_vispruner_reuses_the_kept_lists_for_a_new_budget(monkeypatch):
+    # Without a kept cosine matrix (large N) the encoding keeps every patch's nearest list; a
+    # second budget (another set of important patches) must read them to the rule's result.
+    monkeypatch.setattr(types_mod, "GRAM_KEPT_MAX", 0)
+    gen = torch.Generator().manual_seed(7)
+    tokens, attn = torch.randn(300, 16, generator=gen), torch.rand(300, generator=gen)
+    enc = make_encoding(tokens, (15, 20), cls_attn=attn, num_prefix=1)
+    for target, ratio in ((40, 0.5), (120, 0.75), (9, 0.3)):
+        out = vispruner(enc, target, important_ratio=ratio)
+        assert out.extra["kept"].tolist() == reference_vispruner(attn, tokens, target, ratio, 8)
+    assert any(isinstance(k, tuple) and k[0] == "nearest_dot" for k in enc.memo)
