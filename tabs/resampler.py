@@ -6,19 +6,7 @@ import gradio as gr
 
 from viz.panels import has_fit, resampler_panel, resampler_title
 
-from .common import (
-    LIVE,
-    NO_TARGETS,
-    OVERLAY_H,
-    Details,
-    Steps,
-    Tab,
-    Wiring,
-    export_box,
-    guarded,
-    need,
-    stats_md,
-)
+from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need, stats_md
 
 ID = "resampler"
 INITS = [("k-means", "kmeans"), ("random", "random"), ("fit", "fit")]
@@ -125,7 +113,7 @@ def build(w: Wiring) -> Tab:
     # fewer latents than the one shown large: the slider moves to the last latent, which is
     # what the picture shows (its maximum stays: API calls with any latent count stay valid)
     latents.release(clamp_selected, [latents, selected], [selected], api_visibility="private",
-                    queue=False, **NO_TARGETS)
+                    queue=False, show_progress="hidden", show_progress_on=())
     w.on(fit_button.click, fitted, [w.session, latents, depth, selected], full, "fit",
          concurrency_id="fit", concurrency_limit=1).then(
         lambda: "fit", None, init, api_visibility="private")
