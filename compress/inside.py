@@ -33,14 +33,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numba
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
 from ._checks import check_int, check_real
 from .merge import bipartite_match
-from .select import _descending
 from .types import Compression
 
 EVIT_BLOCKS = (3, 6, 9)  # EViT's --drop_loc default: 0-based, i.e. the 4th, 7th and 10th blocks
@@ -135,31 +133,19 @@ def attention(attn, x: torch.Tensor, log_size: torch.Tensor | None = None):
 
 
 @numba.njit(cache=True, nogil=True)
-def _merge_compiled(x, size, scores, r, p, a0, sort_unm, new_x, new_size):  # pragma: no cover
-    """``bipartite_merge`` after the similarities: the same steps in the same float32 order,
-    in one compiled call instead of ~20 small torch operations (about 0.4 ms a block on a CPU,
-    whatever the token count). ``x`` [P + T, C], ``size`` [T], ``scores`` [|A|, |B|]; fills
-    ``new_x`` [P + T - r, C] and ``new_size`` [T - r] (torch's memory: its alignment suits
-    the next block's matrix multiplies); returns (src, unm, dst)."""
-    na, nb = scores.shape
-    best = np.empty(na, dtype=scores.dtype)
-    for i in range(na):
-        best[i] = scores[i].max()
-    order = _descending(best)  # stable, as torch.sort(stable=True)
-    src, unm = order[:r].copy(), order[r:].copy()
-    dst = np.empty(r, dtype=np.int64)
-    for j in range(r):
-        dst[j] = np.argmax(scores[src[j]])  # the first maximum, as torch.argmax
-    if sort_unm:
-        unm.sort()
-    keep = unm.shape[0]
+def _merge_compiled(x, size, src, unm, dst, p, a0, new_x, new_size):  # pragma: no cover
+    """``bipartite_merge``'s size-weighted merge of a given match, the same float32 steps in
+    the same order, in one compiled call instead of ~12 small torch operations. ``x``
+    [P + T, C], ``size`` [T]; fills ``new_x`` [P + T - r, C] and ``new_size`` [T - r]
+    (torch's memory: its alignment suits the next block's matrix multiplies)."""
+    keep, r = unm.shape[0], src.shape[0]
     sb = size[1 - a0::2].copy()
     for j in range(r):
         sb[dst[j]] += size[a0 + 2 * src[j]]
     new_x[:p] = x[:p]
     for j in range(keep):
         new_x[p + j] = x[p + a0 + 2 * unm[j]]
-    for j in range(nb):
+    for j in range(sb.shape[0]):
         new_x[p + keep + j] = x[p + 1 - a0 + 2 * j]
     for j in range(r):
         coef = size[a0 + 2 * src[j]] / sb[dst[j]]
@@ -169,7 +155,6 @@ def _merge_compiled(x, size, scores, r, p, a0, sort_unm, new_x, new_size):  # pr
     for j in range(keep):
         new_size[j] = size[a0 + 2 * unm[j]]
     new_size[keep:] = sb
-    return src, unm, dst
 
 
 def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int,
@@ -191,9 +176,9 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r
 
     Returns (x [P + T - r, C], size [T - r], match): ``match`` = (src, unm,
     dst) in A/B positions, for ``merge_where``. ``r`` is capped at T // 2 (ToMe).
-    On a CPU, in float32 and without autograd (the forward), everything after
-    the similarities is one compiled call (``_merge_compiled``, the same
-    numbers bit for bit; tested against the torch operations).
+    On a CPU, in float32 and without autograd (the forward), the merge after
+    the match is one compiled call (``_merge_compiled``, the same numbers bit
+    for bit; tested against the torch operations).
     """
     p = num_prefix
     t = x.shape[0] - p
@@ -204,17 +189,15 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r
         return x, size, (empty, torch.arange(len(range(a0, t, 2)), device=x.device), empty)
     metric = metric.float()
     unit = metric / metric.norm(dim=-1, keepdim=True)  # ToMe's expression (no epsilon)
-    if (x.device.type == "cpu" and x.dtype == size.dtype == torch.float32
-            and not torch.is_grad_enabled()):
-        new_x = torch.empty(x.shape[0] - r, x.shape[1])
-        new_size = torch.empty(t - r)
-        match = _merge_compiled(x.contiguous().numpy(), size.contiguous().numpy(),
-                                (unit[a0::2] @ unit[1 - a0::2].T).numpy(), r, p, a0, p > 0,
-                                new_x.numpy(), new_size.numpy())
-        return new_x, new_size, tuple(torch.from_numpy(v) for v in match)
     src, unm, dst = bipartite_match(unit[a0::2], unit[1 - a0::2], r)
     if p > 0:
         unm = unm.sort().values
+    if (x.device.type == "cpu" and x.dtype == size.dtype == torch.float32
+            and not torch.is_grad_enabled()):
+        new_x, new_size = torch.empty(x.shape[0] - r, x.shape[1]), torch.empty(t - r)
+        _merge_compiled(x.contiguous().numpy(), size.contiguous().numpy(), src.numpy(),
+                        unm.numpy(), dst.numpy(), p, a0, new_x.numpy(), new_size.numpy())
+        return new_x, new_size, (src, unm, dst)
     xa, xb = x[p + a0::2], x[p + 1 - a0::2]
     sa, sb = size[a0::2], size[1 - a0::2]
     s_src = sa.index_select(0, src)

@@ -47,8 +47,9 @@ def settings_for(name: str, knob_values) -> dict:
 
 
 @guarded
-def render(session, name: str, budget: int, *knob_values):
-    """[overlay, stats] for strategy ``name`` at ``budget`` with its knobs."""
+def render(session, name: str, budget: int, *knob_values, numbers: bool = True):
+    """[overlay, stats] for strategy ``name`` at ``budget`` with its knobs (``numbers=False``:
+    a slider being dragged, fidelity on release)."""
     enc = need(session)
     if name not in NAMES:
         raise gr.Error(f"unknown strategy {name!r}; choose one of: {', '.join(NAMES)}")
@@ -57,7 +58,7 @@ def render(session, name: str, budget: int, *knob_values):
     settings = settings_for(name, knob_values)
     if strategy.uses_query:
         settings["query"] = session.query
-    p = strategy_panel(enc, name, min(int(budget), enc.num_patches), **settings)
+    p = strategy_panel(enc, name, min(int(budget), enc.num_patches), numbers=numbers, **settings)
     session.panels[ID] = p
     extra = f" · {strategy.source}"
     if strategy.uses_query:
@@ -107,12 +108,15 @@ def build(w: Wiring) -> Tab:
     def everything(session, *values):
         return [*render(session, *values), *details.view(session)]
 
-    w.on(budget.input, render, inputs, out, "more_live", **LIVE)
+    def drag(session, *values):
+        return render(session, *values, numbers=False)
+
+    w.on(budget.input, drag, inputs, out, "more_live", **LIVE)
     w.on(budget.release, everything, inputs, full, **LIVE)
     w.on(choice.input, everything, inputs, full, "more", **LIVE)
     for ctl in knobs:
         if isinstance(ctl, gr.Slider):
-            w.on(ctl.input, render, inputs, out, **LIVE)
+            w.on(ctl.input, drag, inputs, out, **LIVE)
             w.on(ctl.release, everything, inputs, full, **LIVE)
         else:
             w.on(ctl.submit, everything, inputs, full, **LIVE)

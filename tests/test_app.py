@@ -419,6 +419,17 @@ def test_export_merge_png_and_json(client):
     assert f"fidelity **{doc['metrics']['fidelity']:.4f}**" in released
 
 
+def test_every_strategy_tab_leaves_fidelity_for_the_release(client):
+    # the same rule in every tab with a numbers line: a drag shows it pending, a release shows it
+    drags = {"/merge_live": MERGE, "/prune_live": PRUNE, "/resample_live": RES, "/more_live": MORE}
+    for endpoint, args in drags.items():
+        assert "fidelity **…** (when the slider rests)" in one_stats(
+            client.predict(*args, api_name=endpoint)), endpoint
+    for endpoint, args in {"/merge": MERGE, "/prune": PRUNE, "/resample": RES, "/more": MORE}.items():
+        released = stats_of(client.predict(*args, api_name=endpoint))[0]
+        assert re.search(r"fidelity \*\*\d\.\d{4}\*\*", released), endpoint
+
+
 def test_export_prune_kept_indices_follow_the_slider(client):
     shown = client.predict("cls", "mean", 0.5, False, api_name="/prune_live")
     png, doc = exported(client.predict(api_name="/export_prune"))

@@ -93,7 +93,7 @@ def _stats(enc: Encoding, comp: Compression, strategy_ms: float, numbers: bool =
 
 def complete(enc: Encoding, p: Panel) -> Panel:
     """``p`` with the numbers a dragged slider left out (fidelity) filled in."""
-    if p.stats.get("fidelity", 0.0) is None:
+    if "fidelity" in p.stats and p.stats["fidelity"] is None:
         p.stats["fidelity"] = summary(enc, p.comp)["fidelity"]
     return p
 
@@ -241,11 +241,12 @@ COMPARE_CELL = 240
 
 
 def strategy_panel(enc: Encoding, name: str, budget: int, display: int = DEFAULT_DISPLAY,
-                   **settings) -> Panel:
+                   numbers: bool = True, **settings) -> Panel:
     """Any registered strategy at about ``budget`` tokens, drawn by the form of its ``assign``.
 
     ``settings`` are the strategy's knobs by name (``Strategy.knobs``: VisionZip's
     ``dominant_ratio``, random keep's ``seed``, ...); unset ones take their defaults.
+    ``numbers=False`` (a slider being dragged): fidelity is left out (``complete`` adds it).
     """
     from compress import STRATEGIES, run_at_budget
 
@@ -257,7 +258,7 @@ def strategy_panel(enc: Encoding, name: str, budget: int, display: int = DEFAULT
     t1 = time.perf_counter()
     overlay = draw_compression(enc, comp, display=display)
     t2 = time.perf_counter()
-    stats = _stats(enc, comp, (t1 - t0) * 1e3)
+    stats = _stats(enc, comp, (t1 - t0) * 1e3, numbers)
     stats["label"] = STRATEGIES[name].label
     stats["adaptive"] = STRATEGIES[name].adaptive
     return Panel(overlay, comp, stats, None, strategy_ms=(t1 - t0) * 1e3, draw_ms=(t2 - t1) * 1e3)
