@@ -70,15 +70,16 @@ def render(session, budget: int):
 
 @guarded
 def slower(session, budget: int):
-    """[table with task CC and the inside-network rows, note, seed claims]."""
+    """[table with task CC and the inside-network rows, note, seed claims] at ``budget``, the
+    one the grid shows; skipped when the slider has moved to another budget meanwhile (a
+    tab opened at one budget and dragged at once must not get the old table back)."""
     from compress import summary
 
     enc = need(session)
     budget = min(int(budget), enc.num_patches)
     p = session.panels.get(ID)
-    if p is None or p.stats["budget"] != budget:
-        render(session, budget)
-        p = session.panels[ID]
+    if p is None or p.stats["budget"] != budget:  # the slider has moved on since: stale
+        return [gr.skip()] * 3
     comps = dict(p.extra["comps"])
     extra_note = ""
     inside = {}
@@ -101,7 +102,16 @@ def slower(session, budget: int):
     if inside:
         plain = next(iter(inside.values()))["plain_ms"]
         note += f" · inside rows: ms is the whole forward (the plain forward: {plain:.0f} ms)"
+    if session.panels[ID].stats["budget"] != budget:  # moved while these seconds ran: stale
+        return [gr.skip()] * 3
     return [{"headers": COLUMNS, "data": rows}, note, claims_md(enc)]
+
+
+@guarded
+def everything(session, budget: int):
+    """The /compare endpoint: [table, note, claims] at ``budget``, drawn first if it is not."""
+    render(session, budget)
+    return slower(session, budget)
 
 
 # --- the curves: a background job per image, polled -----------------------------------------
@@ -179,13 +189,15 @@ def build(w: Wiring) -> Tab:
         gr.Markdown(TEXT)
         claims = gr.Markdown(elem_id="seed-claims")
         timer = gr.Timer(1.0, active=False)
+        api_full = gr.Button(visible=False)  # the /compare endpoint: the table at any budget
 
     fast = [grid, table, note]
     slow = [table, note, claims]
     curves = [plot, curve_note, timer]
     w.on(budget.input, render, [w.session, budget], fast, "compare_live", **LIVE)
     released = w.on(budget.release, render, [w.session, budget], fast, **LIVE)
-    released = w.on(released.then, slower, [w.session, budget], slow, "compare", **QUIET)
+    released = w.on(released.then, slower, [w.session, budget], slow, **QUIET)
+    w.on(api_full.click, everything, [w.session, budget], slow, "compare", **LIVE)
     w.on(released.then, curve, [w.session, budget], curves, **QUIET)
     timer.tick(poll, [w.session, budget], curves, api_visibility="private", **NO_TARGETS)
 
