@@ -25,6 +25,7 @@ from compress import ImageError, WeightsUnavailable
 from compress.cache import EncodingCache
 from viz.panels import Panel, complete, downstream_view, export_json, inspector_view
 
+from .gesture import Gesture
 from .priority import yielding
 
 LOG = logging.getLogger("tce.app")
@@ -64,6 +65,7 @@ class Session:
         self.last_args: dict[str, tuple] = {}  # tab id -> its controls' values at the last draw
         self.dataset = None  # the Dataset tab's opened results (a DataFrame)
         self.worst: list[str] = []  # the image paths its worst-images gallery shows, in order
+        self.moves: dict = {}  # tab id -> its drags' and releases' order (tabs/gesture.py)
         self.lock = threading.Lock()
 
     def __deepcopy__(self, memo):
@@ -298,8 +300,10 @@ class Steps:
     ``figure_kw``: what ``render`` may skip when only the figure is wanted (the resampler's
     latent maps)."""
 
-    def __init__(self, render: Callable, details: Details, **figure_kw):
+    def __init__(self, render: Callable, details: Details, gesture: Gesture | None = None,
+                 **figure_kw):
         self.render, self.details, self.figure_kw = render, details, figure_kw
+        self.gesture = gesture or Gesture(details.tab)  # drags and releases in the user's order
 
     def quick(self, session, *values) -> list:
         """The pictures and numbers, no figure: a first picture, a released control."""
@@ -324,12 +328,18 @@ class Steps:
         """After a tab is drawn: the figure and the model downstream."""
         return [self.figure(session, *values), *self.details.view(session)]
 
+    def on_drag(self, w: Wiring, trigger, inputs: list, outputs: list,
+                fn: Callable | None = None) -> None:
+        """A slider being dragged: ``trigger`` runs ``fn`` (default ``drag``) into ``outputs``,
+        unless the release has answered for it (``tabs/gesture.py``)."""
+        w.on(trigger, self.gesture.drag(fn or self.drag, len(outputs)), inputs, outputs, **LIVE)
+
     def on_release(self, w: Wiring, trigger, inputs: list, outputs: list, plot,
                    fn: Callable | None = None) -> None:
         """``trigger`` runs ``fn`` (default ``first``) into ``outputs``; the figure follows as its
         own step, so the saliency map does not wait for it (matplotlib, then a PNG for the page:
-        the slowest picture of a tab)."""
-        done = w.on(trigger, fn or self.first, inputs, outputs, **LIVE)
+        the slowest picture of a tab). A drag update that started before is not shown after it."""
+        done = w.on(trigger, self.gesture.full(fn or self.first), inputs, outputs, **LIVE)
         w.on(done.then, self.figure, inputs, [plot], **QUIET)
 
 

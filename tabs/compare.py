@@ -22,6 +22,7 @@ from viz.inside import inside_at_budget
 from viz.panels import compare_panel, seed_claims, task_column
 
 from .common import LIVE, NO_TARGETS, QUIET, Tab, Wiring, guarded, need
+from .gesture import Gesture
 from .jobs import JOBS
 from .source import LIMITS
 
@@ -190,12 +191,15 @@ def build(w: Wiring) -> Tab:
         claims = gr.Markdown(elem_id="seed-claims")
         timer = gr.Timer(1.0, active=False)
         api_full = gr.Button(visible=False)  # the /compare endpoint: the table at any budget
+        api_live = gr.Button(visible=False)  # /compare_live: always answered
 
     fast = [grid, table, note]
     slow = [table, note, claims]
     curves = [plot, curve_note, timer]
-    w.on(budget.input, render, [w.session, budget], fast, "compare_live", **LIVE)
-    released = w.on(budget.release, render, [w.session, budget], fast, **LIVE)
+    g = Gesture(ID)  # drags and releases in the user's order
+    w.on(api_live.click, render, [w.session, budget], fast, "compare_live", **LIVE)
+    w.on(budget.input, g.drag(render, len(fast)), [w.session, budget], fast, **LIVE)
+    released = w.on(budget.release, g.full(render), [w.session, budget], fast, **LIVE)
     released = w.on(released.then, slower, [w.session, budget], slow, **QUIET)
     w.on(api_full.click, everything, [w.session, budget], slow, "compare", **LIVE)
     w.on(released.then, curve, [w.session, budget], curves, **QUIET)

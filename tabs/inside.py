@@ -89,6 +89,7 @@ def build(w: Wiring) -> Tab:
         plot = gr.Plot(label="Tokens per block", elem_id="inside-plot")
         gr.Markdown(TEXT)
         export_box(w, ID)
+        api_live = gr.Button(visible=False)  # /inside_live: always answered
 
     inputs = [w.session, method, r, keep, fuse, blocks, block]
     live = [overlay, stats]
@@ -97,13 +98,15 @@ def build(w: Wiring) -> Tab:
     steps = Steps(render, details)
 
     # a new setting runs the network (~0.5 s at 336 px on a CPU): on release, never per drag step
-    w.on(r.release, steps.everything, inputs, full, "inside", **LIVE)
-    w.on(keep.release, steps.everything, inputs, full, **LIVE)
+    everything = steps.gesture.full(steps.everything)  # drags and releases in the user's order
+    w.on(r.release, everything, inputs, full, "inside", **LIVE)
+    w.on(keep.release, everything, inputs, full, **LIVE)
     for ctl in (method, fuse, blocks):
-        w.on(ctl.input, steps.everything, inputs, full, **LIVE)
+        w.on(ctl.input, everything, inputs, full, **LIVE)
     # the block slider only redraws a kept run: live
-    w.on(block.input, steps.quick, inputs, live, "inside_live", **LIVE)
-    w.on(block.release, lambda *a: render(*a), inputs, live + [plot], **LIVE)
+    w.on(api_live.click, steps.quick, inputs, live, "inside_live", **LIVE)
+    steps.on_drag(w, block.input, inputs, live, steps.quick)
+    w.on(block.release, steps.gesture.full(lambda *a: render(*a)), inputs, live + [plot], **LIVE)
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
                    api_visibility="private", **LIVE)
 

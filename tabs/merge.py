@@ -7,6 +7,7 @@ import gradio as gr
 from viz.panels import merge_panel
 
 from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need, stats_md
+from .gesture import Gesture
 
 ID = "merge"
 METHODS = [("adjacent threshold", "threshold"), ("ToMe bipartite", "tome")]
@@ -54,8 +55,8 @@ def build(w: Wiring) -> Tab:
                 gr.Markdown(TEXT)
         plot = gr.Plot(label="Similarities", elem_id="merge-plot")
         export_box(w, ID)
-        api_only = gr.Button(visible=False)  # the /merge_live endpoint (below)
         api_full = gr.Button(visible=False)  # the /merge endpoint: everything in one call
+        api_live = gr.Button(visible=False)  # /merge_live: always answered
 
     inputs = [w.session, method, threshold, target, fill]
     live = [overlay, stats]
@@ -70,19 +71,21 @@ def build(w: Wiring) -> Tab:
                     *(details.view(session) if with_details else [])]
         return fn
 
-    steps = Steps(render, details)
+    # the slider a drag moves sets the method: a drag and its release are the same setting
+    # when the sliders and the fill are
+    steps = Steps(render, details, Gesture(ID, settings=lambda values: values[1:]))
     w.on(api_full.click, steps.everything, inputs, full, "merge", **LIVE)
     for slider, chosen in ((threshold, "threshold"), (target, "tome")):
-        w.on(slider.input, by(chosen, False), inputs, [method] + live, **LIVE)
+        steps.on_drag(w, slider.input, inputs, [method] + live, by(chosen, False))
         steps.on_release(w, slider.release, inputs, [method] + live + details.outputs, plot,
                          by(chosen, True))
     for ctl in (method, fill):
         steps.on_release(w, ctl.input, inputs, live + details.outputs, plot)
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
                    api_visibility="private", **LIVE)
-    # API-only: the live update with the method it is given (the UI's sliders pick theirs)
-    api_only.click(lambda *a: render(*a, with_figure=False, numbers=False), inputs, live,
-                   api_name="merge_live", **LIVE)
+    # the API's live update, with the method it is given (the UI's sliders pick theirs)
+    w.on(api_live.click, lambda *a: render(*a, with_figure=False, numbers=False), inputs, live,
+         "merge_live", **LIVE)
 
     def fit(enc, _method, _threshold, target, _fill):
         n = enc.num_patches

@@ -24,6 +24,7 @@ from .common import (
     patch_at,
     stats_md,
 )
+from .gesture import Gesture
 
 ID = "more"
 SEED_FOUR = ("merge_threshold", "merge_bipartite", "prune_attention", "resample")
@@ -100,6 +101,7 @@ def build(w: Wiring) -> Tab:
                 details.inspect()
                 gr.Markdown(TEXT)
         export_box(w, ID)
+        api_live = gr.Button(visible=False)  # /more_live: always answered
 
     inputs = [w.session, choice, budget, *knobs]
     out = [overlay, stats]
@@ -111,15 +113,17 @@ def build(w: Wiring) -> Tab:
     def drag(session, *values):
         return render(session, *values, numbers=False)
 
-    w.on(budget.input, drag, inputs, out, "more_live", **LIVE)
-    w.on(budget.release, everything, inputs, full, **LIVE)
-    w.on(choice.input, everything, inputs, full, "more", **LIVE)
+    g = Gesture(ID)  # drags and releases in the user's order
+    w.on(api_live.click, drag, inputs, out, "more_live", **LIVE)
+    w.on(budget.input, g.drag(drag, len(out)), inputs, out, **LIVE)
+    w.on(budget.release, g.full(everything), inputs, full, **LIVE)
+    w.on(choice.input, g.full(everything), inputs, full, "more", **LIVE)
     for ctl in knobs:
         if isinstance(ctl, gr.Slider):
-            w.on(ctl.input, drag, inputs, out, **LIVE)
-            w.on(ctl.release, everything, inputs, full, **LIVE)
+            w.on(ctl.input, g.drag(drag, len(out)), inputs, out, **LIVE)
+            w.on(ctl.release, g.full(everything), inputs, full, **LIVE)
         else:
-            w.on(ctl.submit, everything, inputs, full, **LIVE)
+            w.on(ctl.submit, g.full(everything), inputs, full, **LIVE)
     @guarded
     def click(session, evt: gr.SelectData):
         """A click inspects the patch; for a strategy with a query (CDPruner) it also moves it."""

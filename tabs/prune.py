@@ -95,6 +95,7 @@ def build(w: Wiring) -> Tab:
         plot = gr.Plot(label="Scores", elem_id="prune-plot")
         export_box(w, ID)
         api_full = gr.Button(visible=False)  # the /prune endpoint: everything in one call
+        api_live = gr.Button(visible=False)  # /prune_live: always answered
 
     inputs = [w.session, score, head, keep, heat]
     live = [overlay, stats]
@@ -112,7 +113,8 @@ def build(w: Wiring) -> Tab:
         session.query = patch
         return ["query", *render(session, "query", head, keep, heatmap), *details.view(session)]
 
-    w.on(keep.input, steps.drag, inputs, live, "prune_live", **LIVE)
+    w.on(api_live.click, steps.drag, inputs, live, "prune_live", **LIVE)
+    steps.on_drag(w, keep.input, inputs, live)
     w.on(api_full.click, steps.everything, inputs, full, "prune", **LIVE)
     for trigger in (keep.release, score.input, head.input, heat.input):
         steps.on_release(w, trigger, inputs, live + details.outputs, plot)

@@ -92,6 +92,7 @@ def build(w: Wiring) -> Tab:
         plot = gr.Plot(label="Latents", elem_id="resampler-plot")
         export_box(w, ID)
         api_full = gr.Button(visible=False)  # the /resample endpoint: everything in one call
+        api_live = gr.Button(visible=False)  # /resample_live: always answered
 
     inputs = [w.session, latents, depth, init, selected]
     live = [overlay, grid, single, stats]
@@ -104,8 +105,9 @@ def build(w: Wiring) -> Tab:
         return [*do_fit(session, latents, depth, selected, progress), *details.view(session)]
 
     w.on(api_full.click, steps.everything, inputs, full, "resample", **LIVE)
+    w.on(api_live.click, render_live, inputs, [overlay, stats], "resample_live", **LIVE)
     for slider in (latents, selected):
-        w.on(slider.input, render_live, inputs, [overlay, stats], "resample_live", **LIVE)
+        steps.on_drag(w, slider.input, inputs, [overlay, stats], render_live)
     for trigger in (latents.release, selected.release, depth.release, init.input):
         steps.on_release(w, trigger, inputs, live + details.outputs, plot)
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,

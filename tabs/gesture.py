@@ -1,0 +1,95 @@
+"""A dragged slider's updates and its release, shown in the order the user made them.
+
+Gradio sends a slider's drag updates (``.input``, only the last pending one
+kept) and its release (``.release``) as separate events. The last drag update
+waits in the browser for the one before it to come back, so it can reach the
+server after the release, and the two then run side by side on the shared
+queue: a drag update that lands after the release left its picture without
+fidelity (or an earlier position's picture) on the page, and its panel as the
+one exported. ``Gesture`` orders them per session and tab:
+
+- a full update (a release, or any control that is not dragged) notes when it
+  started and with which values, then runs;
+- a drag update whose values a full update started with is already answered
+  (the release brings the same picture and its numbers): it is skipped;
+- a drag update is skipped when a full update started after it (it shows a
+  position the user has left), checked before and after its work;
+- the two take turns on one lock per session and tab, so a skipped drag never
+  replaces the panel the release made.
+
+Only the browser's events go through a ``Gesture``: the named API endpoints
+(``/merge_live`` ...) answer every call.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import threading
+from collections.abc import Callable
+
+import gradio as gr
+
+_clock = itertools.count(1)  # one order for every start, across sessions (next() is atomic)
+
+
+class _Moves:
+    """One session's state for one tab: its lock and the last full update's start and values."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.full_at = 0
+        self.full_values: tuple | None = None
+
+
+def _same(a: tuple | None, b: tuple) -> bool:
+    if a is None or len(a) != len(b):
+        return False
+    try:
+        return all(x == y if isinstance(x, (str, int, float, bool, type(None))) else x is y
+                   for x, y in zip(a, b, strict=True))
+    except Exception:  # noqa: BLE001 - values that do not compare are different
+        return False
+
+
+class Gesture:
+    """The drag and full updates of one tab (``key``), ordered per session. ``settings(values)``:
+    what of a handler's values (its inputs after the session) make the setting shown, compared
+    to tell a drag the release has answered (default: all of them)."""
+
+    def __init__(self, key: str, settings: Callable[[tuple], tuple] = lambda values: values):
+        self.key, self.settings = key, settings
+
+    def _moves(self, session) -> _Moves:
+        return session.moves.setdefault(self.key, _Moves())  # setdefault: atomic on a dict
+
+    def full(self, fn: Callable) -> Callable:
+        """``fn`` as a full update: later-starting drags with other values are shown after it."""
+        @functools.wraps(fn)
+        def run(session, *values):
+            if session is None:
+                return fn(session, *values)
+            m = self._moves(session)
+            m.full_at, m.full_values = next(_clock), self.settings(values)
+            with m.lock:
+                return fn(session, *values)
+        return run
+
+    def drag(self, fn: Callable, n_outputs: int) -> Callable:
+        """``fn`` as a drag update: skipped (every output left as it is) once a full update has
+        answered for it, or started after it."""
+        @functools.wraps(fn)
+        def run(session, *values):
+            if session is None:
+                return fn(session, *values)
+            start, m, setting = next(_clock), self._moves(session), self.settings(values)
+
+            def answered() -> bool:
+                return m.full_at > start or _same(m.full_values, setting)
+
+            with m.lock:
+                if answered():
+                    return [gr.skip()] * n_outputs
+                out = fn(session, *values)
+            return [gr.skip()] * n_outputs if answered() else out
+        return run

@@ -1,0 +1,129 @@
+"""A dragged slider's last update must not land over its release (tabs/gesture.py).
+
+The browser's drag update can reach the server after the release; these tests
+run the two orders with real threads and a real Session, the handlers standing
+in for a tab's render (they record what they drew into the session's panels,
+as the tabs do).
+"""
+
+import threading
+
+import gradio as gr
+
+from tabs.common import Session
+from tabs.gesture import Gesture
+
+
+def handlers(g: Gesture, gate: threading.Event | None = None, started=None):
+    def drag(session, *values):
+        if started is not None:
+            started.set()
+        if gate is not None:
+            gate.wait(5)
+        session.panels["t"] = ("drag", values)
+        return ["drag picture", f"drag {values}"]
+
+    def full(session, *values):
+        session.panels["t"] = ("full", values)
+        return ["full picture", f"full {values} fidelity"]
+
+    return g.drag(drag, 2), g.full(full)
+
+
+def is_skip(out) -> bool:
+    return len(out) == 2 and all(o == gr.skip() for o in out)
+
+
+def test_the_last_drag_update_arriving_after_its_release_is_skipped():
+    s, (drag, full) = Session(), handlers(Gesture("t"))
+    assert drag(s, 0.5, "mean")[0] == "drag picture"  # a drag step: shown
+    assert full(s, 0.7, "mean")[0] == "full picture"  # the release at 0.7
+    assert is_skip(drag(s, 0.7, "mean"))  # the trailing drag update at 0.7, after it
+    assert s.panels["t"] == ("full", (0.7, "mean"))  # and the export is the release's
+
+
+def test_a_new_drag_after_a_release_is_shown():
+    s, (drag, full) = Session(), handlers(Gesture("t"))
+    full(s, 0.7, "mean")
+    assert drag(s, 0.6, "mean")[0] == "drag picture"
+    assert s.panels["t"] == ("drag", (0.6, "mean"))
+
+
+def test_a_drag_still_working_when_the_release_starts_is_not_shown_and_not_kept():
+    s, gate, started = Session(), threading.Event(), threading.Event()
+    drag, full = handlers(Gesture("t"), gate, started)
+    got = {}
+    t = threading.Thread(target=lambda: got.update(drag=drag(s, 0.65, "mean")))
+    t.start()
+    assert started.wait(5)  # the drag at 0.65 is drawing
+    r = threading.Thread(target=lambda: got.update(full=full(s, 0.7, "mean")))
+    r.start()  # the release at 0.7 starts meanwhile
+    r.join(0.3)
+    assert r.is_alive()  # it waits for the drag's turn to end, so it draws last
+    gate.set()
+    t.join(5)
+    r.join(5)
+    assert is_skip(got["drag"])
+    assert got["full"][0] == "full picture"
+    assert s.panels["t"] == ("full", (0.7, "mean"))
+
+
+def test_sessions_and_tabs_do_not_skip_each_others_drags():
+    a, b = Session(), Session()
+    drag, full = handlers(Gesture("t"))
+    other_drag, _ = handlers(Gesture("u"))
+    full(a, 0.7, "mean")
+    assert drag(b, 0.7, "mean")[0] == "drag picture"  # another session
+    assert other_drag(a, 0.7, "mean")[0] == "drag picture"  # another tab
+
+
+def test_settings_name_what_makes_the_same_setting():
+    # Merging: a drag of the target sets the method, so the release may read either method
+    g = Gesture("t", settings=lambda values: values[1:])
+    s, (drag, full) = Session(), handlers(g)
+    full(s, "tome", 0.9, 57, "mean")
+    assert is_skip(drag(s, "threshold", 0.9, 57, "mean"))
+    assert drag(s, "threshold", 0.9, 58, "mean")[0] == "drag picture"
+
+
+def test_values_that_do_not_compare_count_as_different():
+    import numpy as np
+    s, (drag, full) = Session(), handlers(Gesture("t"))
+    full(s, np.zeros(3))
+    assert drag(s, np.zeros(3))[0] == "drag picture"
+
+
+def test_no_session_yet_passes_through_to_the_handler():
+    # the tabs' handlers answer a missing session with a clear message themselves
+    g = Gesture("t")
+    assert g.drag(lambda s, *v: ["drawn", s], 2)(None, 1) == ["drawn", None]
+    assert g.full(lambda s, *v: ["drawn", s])(None, 1) == ["drawn", None]
+
+
+SLIDERS = ("merge-threshold", "merge-target", "prune-keep", "resampler-latents",
+           "resampler-selected", "more-budget", "inside-block", "compare-budget")
+
+
+def test_every_dragged_slider_of_the_app_leaves_its_release_on_the_page(coffee_enc):
+    """The app's own handlers (as wired by build()): after a slider's release, the drag update
+    with the same setting changes nothing; a drag to another setting draws."""
+    import app
+
+    demo = app.build()
+    ids = {b.elem_id: i for i, b in demo.blocks.items() if getattr(b, "elem_id", None)}
+    by_event = {(t[0], t[1]): f for f in demo.fns.values() for t in f.targets
+                if f.inputs and isinstance(f.inputs[0], gr.State)}  # a tab's handler, with the session
+    for elem in SLIDERS:
+        s = Session()
+        s.show(coffee_enc)
+        drag, release = by_event[(ids[elem], "input")], by_event[(ids[elem], "release")]
+        assert drag.inputs == release.inputs
+        values = [c.value for c in release.inputs[1:]]
+        release.fn(s, *values)
+        assert all(o == gr.skip() for o in drag.fn(s, *values)), elem
+        slider = demo.blocks[ids[elem]]
+        other = list(values)
+        at = release.inputs[1:].index(slider)
+        other[at] = slider.minimum + 1 if values[at] != slider.minimum + 1 else slider.minimum + 2
+        out = drag.fn(s, *other)  # (merging leaves its method as it is: one skip)
+        assert sum(o != gr.skip() for o in out) >= len(out) - 1 >= 1, elem
