@@ -25,7 +25,7 @@ from compress import ImageError, WeightsUnavailable
 from compress.cache import EncodingCache
 from viz.panels import Panel, complete, downstream_view, export_json, inspector_view
 
-from .gesture import Gesture
+from .gesture import Gesture, slider_of
 from .priority import yielding
 
 LOG = logging.getLogger("tce.app")
@@ -332,14 +332,16 @@ class Steps:
                 fn: Callable | None = None) -> None:
         """A slider being dragged: ``trigger`` runs ``fn`` (default ``drag``) into ``outputs``,
         unless the release has answered for it (``tabs/gesture.py``)."""
-        w.on(trigger, self.gesture.drag(fn or self.drag, len(outputs)), inputs, outputs, **LIVE)
+        fn = self.gesture.drag(fn or self.drag, len(outputs), slider_of(trigger, inputs))
+        w.on(trigger, fn, inputs, outputs, **LIVE)
 
     def on_release(self, w: Wiring, trigger, inputs: list, outputs: list, plot,
                    fn: Callable | None = None) -> None:
         """``trigger`` runs ``fn`` (default ``first``) into ``outputs``; the figure follows as its
         own step, so the saliency map does not wait for it (matplotlib, then a PNG for the page:
         the slowest picture of a tab). A drag update that started before is not shown after it."""
-        done = w.on(trigger, self.gesture.full(fn or self.first), inputs, outputs, **LIVE)
+        fn = self.gesture.full(fn or self.first, slider_of(trigger, inputs))
+        done = w.on(trigger, fn, inputs, outputs, **LIVE)
         w.on(done.then, self.figure, inputs, [plot], **QUIET)
 
 

@@ -198,8 +198,8 @@ def build(w: Wiring) -> Tab:
     curves = [plot, curve_note, timer]
     g = Gesture(ID)  # drags and releases in the user's order
     w.on(api_live.click, render, [w.session, budget], fast, "compare_live", **LIVE)
-    w.on(budget.input, g.drag(render, len(fast)), [w.session, budget], fast, **LIVE)
-    released = w.on(budget.release, g.full(render), [w.session, budget], fast, **LIVE)
+    w.on(budget.input, g.drag(render, len(fast), 0), [w.session, budget], fast, **LIVE)
+    released = w.on(budget.release, g.full(render, 0), [w.session, budget], fast, **LIVE)
     released = w.on(released.then, slower, [w.session, budget], slow, **QUIET)
     w.on(api_full.click, everything, [w.session, budget], slow, "compare", **LIVE)
     w.on(released.then, curve, [w.session, budget], curves, **QUIET)

@@ -10,7 +10,10 @@ one exported. ``Gesture`` orders them per session and tab:
 
 - a full update (a release, or any control that is not dragged) notes when it
   started and with which values, then runs;
-- a drag update whose values a full update started with is already answered
+- a drag update of a slider at the value that slider was last released at is
+  the gesture's trailing update (a new drag's first update has moved off it):
+  it is skipped, however late it comes, whatever was released since;
+- a drag update whose setting the last full update started with is answered
   (the release brings the same picture and its numbers): it is skipped;
 - a drag update is skipped when a full update started after it (it shows a
   position the user has left), checked before and after its work;
@@ -40,6 +43,7 @@ class _Moves:
         self.lock = threading.Lock()
         self.full_at = 0
         self.full_values: tuple | None = None
+        self.released: dict[int, object] = {}  # a slider's place in the values -> its last release
 
 
 def _same(a: tuple | None, b: tuple) -> bool:
@@ -63,21 +67,24 @@ class Gesture:
     def _moves(self, session) -> _Moves:
         return session.moves.setdefault(self.key, _Moves())  # setdefault: atomic on a dict
 
-    def full(self, fn: Callable) -> Callable:
-        """``fn`` as a full update: later-starting drags with other values are shown after it."""
+    def full(self, fn: Callable, slider: int | None = None) -> Callable:
+        """``fn`` as a full update (the release of the slider at ``values[slider]``, or another
+        control): later-starting drags to other settings are shown after it."""
         @functools.wraps(fn)
         def run(session, *values):
             if session is None:
                 return fn(session, *values)
             m = self._moves(session)
+            if slider is not None:
+                m.released[slider] = values[slider]
             m.full_at, m.full_values = next(_clock), self.settings(values)
             with m.lock:
                 return fn(session, *values)
         return run
 
-    def drag(self, fn: Callable, n_outputs: int) -> Callable:
-        """``fn`` as a drag update: skipped (every output left as it is) once a full update has
-        answered for it, or started after it."""
+    def drag(self, fn: Callable, n_outputs: int, slider: int) -> Callable:
+        """``fn`` as a drag update of the slider at ``values[slider]``: skipped (every output
+        left as it is) once a release or full update has answered for it, or started after it."""
         @functools.wraps(fn)
         def run(session, *values):
             if session is None:
@@ -85,7 +92,8 @@ class Gesture:
             start, m, setting = next(_clock), self._moves(session), self.settings(values)
 
             def answered() -> bool:
-                return m.full_at > start or _same(m.full_values, setting)
+                return (m.full_at > start or _same(m.full_values, setting)
+                        or (slider in m.released and _same((m.released[slider],), (values[slider],))))
 
             with m.lock:
                 if answered():
@@ -93,3 +101,13 @@ class Gesture:
                 out = fn(session, *values)
             return [gr.skip()] * n_outputs if answered() else out
         return run
+
+
+def slider_of(trigger, inputs: list) -> int | None:
+    """The place in a handler's values (its ``inputs`` after the session) of the component whose
+    event ``trigger`` is (``slider.input``, ``slider.release``), or None when it is not an input."""
+    component = getattr(trigger, "__self__", None)
+    for i, c in enumerate(inputs[1:]):
+        if c is component:
+            return i
+    return None

@@ -9,6 +9,7 @@ from compress.inside import EVIT_BLOCKS
 from viz.inside import inside_panel
 
 from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need
+from .gesture import slider_of
 from .source import LIMITS
 
 ID = "inside"
@@ -106,7 +107,8 @@ def build(w: Wiring) -> Tab:
     # the block slider only redraws a kept run: live
     w.on(api_live.click, steps.quick, inputs, live, "inside_live", **LIVE)
     steps.on_drag(w, block.input, inputs, live, steps.quick)
-    w.on(block.release, steps.gesture.full(lambda *a: render(*a)), inputs, live + [plot], **LIVE)
+    w.on(block.release, steps.gesture.full(lambda *a: render(*a), slider_of(block.release, inputs)),
+         inputs, live + [plot], **LIVE)
     overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
                    api_visibility="private", **LIVE)
 

@@ -24,7 +24,7 @@ from .common import (
     patch_at,
     stats_md,
 )
-from .gesture import Gesture
+from .gesture import Gesture, slider_of
 
 ID = "more"
 SEED_FOUR = ("merge_threshold", "merge_bipartite", "prune_attention", "resample")
@@ -115,13 +115,14 @@ def build(w: Wiring) -> Tab:
 
     g = Gesture(ID)  # drags and releases in the user's order
     w.on(api_live.click, drag, inputs, out, "more_live", **LIVE)
-    w.on(budget.input, g.drag(drag, len(out)), inputs, out, **LIVE)
-    w.on(budget.release, g.full(everything), inputs, full, **LIVE)
+    w.on(budget.input, g.drag(drag, len(out), slider_of(budget.input, inputs)), inputs, out, **LIVE)
+    w.on(budget.release, g.full(everything, slider_of(budget.release, inputs)), inputs, full, **LIVE)
     w.on(choice.input, g.full(everything), inputs, full, "more", **LIVE)
     for ctl in knobs:
         if isinstance(ctl, gr.Slider):
-            w.on(ctl.input, g.drag(drag, len(out)), inputs, out, **LIVE)
-            w.on(ctl.release, g.full(everything), inputs, full, **LIVE)
+            at = slider_of(ctl.input, inputs)
+            w.on(ctl.input, g.drag(drag, len(out), at), inputs, out, **LIVE)
+            w.on(ctl.release, g.full(everything, at), inputs, full, **LIVE)
         else:
             w.on(ctl.submit, g.full(everything), inputs, full, **LIVE)
     @guarded

@@ -14,7 +14,7 @@ from tabs.common import Session
 from tabs.gesture import Gesture
 
 
-def handlers(g: Gesture, gate: threading.Event | None = None, started=None):
+def handlers(g: Gesture, gate: threading.Event | None = None, started=None, slider: int = 0):
     def drag(session, *values):
         if started is not None:
             started.set()
@@ -27,7 +27,7 @@ def handlers(g: Gesture, gate: threading.Event | None = None, started=None):
         session.panels["t"] = ("full", values)
         return ["full picture", f"full {values} fidelity"]
 
-    return g.drag(drag, 2), g.full(full)
+    return g.drag(drag, 2, slider), g.full(full, slider)
 
 
 def is_skip(out) -> bool:
@@ -40,6 +40,20 @@ def test_the_last_drag_update_arriving_after_its_release_is_skipped():
     assert full(s, 0.7, "mean")[0] == "full picture"  # the release at 0.7
     assert is_skip(drag(s, 0.7, "mean"))  # the trailing drag update at 0.7, after it
     assert s.panels["t"] == ("full", (0.7, "mean"))  # and the export is the release's
+
+
+def test_a_late_trailing_drag_is_skipped_after_another_sliders_release():
+    # slider 0 released at 0.75; then slider 1 dragged and released; then slider 0's last drag
+    # update, held back in the browser, arrives: it must not draw slider 1's setting away
+    g, s = Gesture("t"), Session()
+    drag0, full0 = handlers(g, slider=0)
+    drag1, full1 = handlers(g, slider=1)
+    full0(s, 0.75, 144)
+    assert drag1(s, 0.75, 100)[0] == "drag picture"
+    full1(s, 0.75, 58)
+    assert is_skip(drag0(s, 0.75, 144))
+    assert s.panels["t"] == ("full", (0.75, 58))
+    assert drag0(s, 0.7, 58)[0] == "drag picture"  # slider 0 dragged anew: drawn
 
 
 def test_a_new_drag_after_a_release_is_shown():
@@ -96,7 +110,7 @@ def test_values_that_do_not_compare_count_as_different():
 def test_no_session_yet_passes_through_to_the_handler():
     # the tabs' handlers answer a missing session with a clear message themselves
     g = Gesture("t")
-    assert g.drag(lambda s, *v: ["drawn", s], 2)(None, 1) == ["drawn", None]
+    assert g.drag(lambda s, *v: ["drawn", s], 2, 0)(None, 1) == ["drawn", None]
     assert g.full(lambda s, *v: ["drawn", s])(None, 1) == ["drawn", None]
 
 
