@@ -165,7 +165,7 @@ class Wiring:
         self._named: set[str] = set()
 
     def on(self, trigger, fn, inputs, outputs, name: str | None = None, **kw):
-        if LIVE.items() <= kw.items():  # registered as an interactive update (**LIVE):
+        if LIVE.items() <= kw.items() and not getattr(fn, "gives_way", False):  # interactive:
             fn = yielding(fn)  # it gives way to running encodes (tabs/priority.py)
         if name and name not in self._named:
             self._named.add(name)

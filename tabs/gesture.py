@@ -18,7 +18,10 @@ one exported. ``Gesture`` orders them per session and tab:
 - a drag update is skipped when a full update started after it (it shows a
   position the user has left), checked before and after its work;
 - the two take turns on one lock per session and tab, so a skipped drag never
-  replaces the panel the release made.
+  replaces the panel the release made;
+- "started" is when the request reached the handler, before it gives way to
+  running encodes (``tabs/priority.py``): an older drag that waited longer is
+  still older.
 
 Only the browser's events go through a ``Gesture``: the named API endpoints
 (``/merge_live`` ...) answer every call.
@@ -32,6 +35,8 @@ import threading
 from collections.abc import Callable
 
 import gradio as gr
+
+from .priority import give_way
 
 _clock = itertools.count(1)  # one order for every start, across sessions (next() is atomic)
 
@@ -78,8 +83,10 @@ class Gesture:
             if slider is not None:
                 m.released[slider] = values[slider]
             m.full_at, m.full_values = next(_clock), self.settings(values)
+            give_way()
             with m.lock:
                 return fn(session, *values)
+        run.gives_way = True  # Wiring.on need not wrap it in priority.yielding
         return run
 
     def drag(self, fn: Callable, n_outputs: int, slider: int) -> Callable:
@@ -90,6 +97,7 @@ class Gesture:
             if session is None:
                 return fn(session, *values)
             start, m, setting = next(_clock), self._moves(session), self.settings(values)
+            give_way()
 
             def answered() -> bool:
                 return (m.full_at > start or _same(m.full_values, setting)
@@ -100,6 +108,7 @@ class Gesture:
                     return [gr.skip()] * n_outputs
                 out = fn(session, *values)
             return [gr.skip()] * n_outputs if answered() else out
+        run.gives_way = True
         return run
 
 

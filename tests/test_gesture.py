@@ -141,3 +141,26 @@ def test_every_dragged_slider_of_the_app_leaves_its_release_on_the_page(coffee_e
         other[at] = slider.minimum + 1 if values[at] != slider.minimum + 1 else slider.minimum + 2
         out = drag.fn(s, *other)  # (merging leaves its method as it is: one skip)
         assert sum(o != gr.skip() for o in out) >= len(out) - 1 >= 1, elem
+
+
+def test_a_drag_that_waited_for_an_encode_is_still_older_than_the_release_after_it():
+    # both wait while an upload is encoded (tabs/priority.py); when it ends, whichever runs
+    # first, the drag (an earlier position) must not be the picture left on the page
+    import time
+
+    from tabs import priority
+
+    s, got = Session(), {}
+    drag, full = handlers(Gesture("t"))
+    with priority.encoding():
+        t = threading.Thread(target=lambda: got.update(drag=drag(s, 0.65, "mean")))
+        t.start()
+        time.sleep(0.2)
+        r = threading.Thread(target=lambda: got.update(full=full(s, 0.7, "mean")))
+        r.start()
+        time.sleep(0.2)
+        assert not got  # both still give way
+    t.join(5)
+    r.join(5)
+    assert is_skip(got["drag"])
+    assert s.panels["t"] == ("full", (0.7, "mean"))
