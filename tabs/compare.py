@@ -28,13 +28,13 @@ from .source import LIMITS
 
 ID = "compare"
 COLUMNS = ["strategy", "M", "ratio", "fidelity", "task CC", "attention kept", "ms", "speedup"]
-NO_SPEEDUP = "none: after the network"
+NO_SPEEDUP = "none: post hoc"  # ran after the network (the text above the table says so)
 TEXT = """**Every strategy at the same budget M**, on this image: overlays, numbers, and two curves
 for all of them, computed once per image in the background. *Fidelity* (mean cosine of each patch
 token to the output that represents it best) measures the tokens and flatters uniform coverage;
 *task CC* measures what a trained model downstream loses (the saliency head: Pearson correlation of
 its map on the compressed tokens with its map on the original ones). Random keep and pooling are
-the floor every method must beat. The strategies above run after the network, so they save nothing
+the floor every method must beat. The strategies above run after the network (post hoc), so they save nothing
 inside it; ToMe and EViT *inside the ViT* run in its blocks at the same final M, and their speedup is
 measured against the plain forward on this machine."""
 
@@ -184,7 +184,7 @@ def build(w: Wiring) -> Tab:
                         show_label=False, elem_id="compare-grid")
         table = gr.Dataframe(label="Numbers", interactive=False, elem_id="compare-table",
                              max_height=760, wrap=True,
-                             column_widths=["24%", "7%", "8%", "10%", "10%", "10%", "8%", "23%"])
+                             column_widths=["24%", "6%", "7%", "9%", "9%", "13%", "8%", "24%"])
         curve_note = gr.Markdown(elem_id="compare-curve-note")
         plot = gr.Plot(label="Fidelity and task agreement against M", elem_id="compare-plot")
         gr.Markdown(TEXT)

@@ -249,7 +249,7 @@ def fetch_image(page, elem_id: str):
 
 def test_compare_budget_changes_every_tile_and_the_table(page):
     from compress import STRATEGIES
-    from viz.compare import tile_box
+    from viz.compare import TITLE_PX, tile_box
     from viz.panels import COMPARE_CELL, COMPARE_COLS
 
     page.get_by_role("tab", name="Compare").click()
@@ -262,7 +262,7 @@ def test_compare_budget_changes_every_tile_and_the_table(page):
     after = fetch_image(page, "compare-grid")
     assert before.shape == after.shape
     for i, (name, strategy) in enumerate(STRATEGIES.items()):
-        x0, y0, x1, y1 = tile_box(i, COMPARE_COLS, COMPARE_CELL)
+        x0, y0, x1, y1 = tile_box(i, COMPARE_COLS, COMPARE_CELL, top=TITLE_PX)
         diff = np.abs(before[y0:y1, x0:x1] - after[y0:y1, x0:x1]).mean()
         if strategy.adaptive:  # PruMerge picks its own M: the budget does not move it
             assert diff < 0.3, (name, diff)

@@ -32,21 +32,31 @@ def patch_rgb_overlay(image: Image.Image, grid: tuple[int, int], rgb: Array, alp
     return _blend(base, layer, alpha)
 
 
+TITLE_PX = 30  # the band above a titled grid (the page's image toolbar sits over its right end)
+
+
 def tile_grid(tiles: list[tuple[str, Image.Image]], cols: int = 4, cell: int = 260,
-              caption_px: int = 34, gap: int = 6, background=(24, 24, 24)) -> Image.Image:
+              caption_px: int = 34, gap: int = 6, background=(24, 24, 24),
+              title: str | None = None) -> Image.Image:
     """Images in a grid, each scaled to fit ``cell`` px and captioned above. Returns one image.
 
-    The tile boxes are laid out at fixed positions (``tile_box``), so a test
-    can compare the same tile across two grids.
+    With a ``title``, a band of ``TITLE_PX`` above the tiles says it (the page
+    puts its image buttons over a picture's top-right corner: over the band,
+    not over a tile's caption). The tile boxes are laid out at fixed
+    positions (``tile_box``), so a test can compare the same tile across two
+    grids.
     """
     rows = max(1, -(-len(tiles) // cols))
+    top = TITLE_PX if title else 0
     width = cols * cell + (cols + 1) * gap
-    height = rows * (cell + caption_px) + (rows + 1) * gap
+    height = top + rows * (cell + caption_px) + (rows + 1) * gap
     out = Image.new("RGB", (width, height), background)
     draw = ImageDraw.Draw(out)
     f = font(max(11, caption_px // 2 - 1))
+    if title:
+        draw.text((gap + 4, gap + 2), title, fill=(200, 200, 200), font=f)
     for i, (label, img) in enumerate(tiles):
-        x0, y0, x1, y1 = tile_box(i, cols, cell, caption_px, gap)
+        x0, y0, x1, y1 = tile_box(i, cols, cell, caption_px, gap, top)
         w, h = display_size(img.size, cell)
         thumb = img if img.size == (w, h) else img.resize((w, h), Image.BILINEAR)
         out.paste(thumb, (x0 + (cell - w) // 2, y0 + caption_px + (cell - h) // 2))
@@ -55,11 +65,12 @@ def tile_grid(tiles: list[tuple[str, Image.Image]], cols: int = 4, cell: int = 2
 
 
 def tile_box(i: int, cols: int = 4, cell: int = 260, caption_px: int = 34,
-             gap: int = 6) -> tuple[int, int, int, int]:
-    """(x0, y0, x1, y1) of tile ``i`` (caption included) in a ``tile_grid``."""
+             gap: int = 6, top: int = 0) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1) of tile ``i`` (caption included) in a ``tile_grid`` (``top``:
+    ``TITLE_PX`` for a titled grid)."""
     r, c = divmod(i, cols)
     x0 = gap + c * (cell + gap)
-    y0 = gap + r * (cell + caption_px + gap)
+    y0 = top + gap + r * (cell + caption_px + gap)
     return x0, y0, x0 + cell, y0 + caption_px + cell
 
 

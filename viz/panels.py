@@ -290,7 +290,8 @@ def compare_panel(enc: Encoding, budget: int, with_figure: bool = True) -> Panel
         strategy_ms += p.strategy_ms
         draw_ms += p.draw_ms
     t1 = time.perf_counter()
-    grid_img = tile_grid(tiles, cols=COMPARE_COLS, cell=COMPARE_CELL)
+    grid_img = tile_grid(tiles, cols=COMPARE_COLS, cell=COMPARE_CELL,
+                         title=f"every strategy at budget M = {budget} of N = {enc.num_patches} patches")
     figure = None
     if with_figure:
         curves = fidelity_sweep(enc)
