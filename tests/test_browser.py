@@ -294,6 +294,19 @@ def test_features_tab_shows_its_maps(page):
     page.screenshot(path=str(ARTIFACTS / "features.png"), full_page=True)
 
 
+def test_every_tab_is_in_the_tab_bar_on_a_1280_px_screen(page):
+    # Gradio moves tabs that do not fit behind a "..." menu, where nobody finds them
+    page.set_viewport_size({"width": 1280, "height": 900})
+    try:
+        page.wait_for_timeout(500)  # the tab bar measures itself again on a resize
+        names = ["Merging", "Pruning", "Resampler", "More methods", "Inside the ViT", "Compare",
+                 "Features", "Dataset"]
+        hidden = [n for n in names if not page.get_by_role("tab", name=n).is_visible()]
+        assert not hidden, f"behind the overflow menu at 1280 px: {hidden}"
+    finally:
+        page.set_viewport_size({"width": 1400, "height": 1100})
+
+
 def test_page_requests_nothing_outside_the_app(page):
     """Works fully offline: no fonts, analytics or scripts fetched from anywhere else."""
     assert page.external_requests == []
