@@ -34,6 +34,11 @@ INT_COLUMNS = ("budget", "M", "N", "size")
 STR_COLUMNS = ("image", "strategy", "error", "model")
 METRICS = ("M", "fidelity", "attention_kept", "cc", "kl", "sim", "top_iou", "strategy_ms")
 LOWER_IS_BETTER = frozenset({"kl", "strategy_ms"})
+# what each metric can take: a confidence interval is cut to it (a t-interval over five images
+# reached 1.004 for a mean cosine, whose largest value is 1)
+RANGES = {"M": (1.0, math.inf), "fidelity": (-1.0, 1.0), "attention_kept": (0.0, 1.0),
+          "cc": (-1.0, 1.0), "kl": (0.0, math.inf), "sim": (0.0, 1.0), "top_iou": (0.0, 1.0),
+          "strategy_ms": (0.0, math.inf)}
 METADATA_KEY = b"tce_sweep"  # Parquet key-value metadata: {"format": 1, "size": ..., "model": ...}
 FORMAT = 1
 
@@ -155,13 +160,15 @@ def t_quantile(p: float, df: float) -> float:
     return 0.5 * (lo + hi)
 
 
-def mean_ci(values, level: float = 0.95) -> tuple[int, float, float, float]:
+def mean_ci(values, level: float = 0.95,
+            bounds: tuple[float, float] = (-math.inf, math.inf)) -> tuple[int, float, float, float]:
     """(n, mean, low, high): the mean of the finite ``values`` and its Student t confidence interval.
 
     The interval is mean +- t_{(1 + level) / 2, n - 1} * s / sqrt(n), s the
     sample standard deviation (n - 1 in the denominator): the textbook
-    t-interval on the per-image values. NaNs are left out (an image without
-    a head value); with one value the interval is NaN, with none all are NaN.
+    t-interval on the per-image values, cut to ``bounds`` (the values the
+    metric can take). NaNs are left out (an image without a head value);
+    with one value the interval is NaN, with none all are NaN.
     """
     level = check_real("level", level, 0.0, 1.0)
     x = np.asarray(values, dtype=np.float64)
@@ -173,7 +180,7 @@ def mean_ci(values, level: float = 0.95) -> tuple[int, float, float, float]:
     if n == 1:
         return 1, mean, math.nan, math.nan
     half = t_quantile((1.0 + level) / 2.0, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
-    return n, mean, mean - half, mean + half
+    return n, mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])
 
 
 def summarise(results: str | os.PathLike | pd.DataFrame, level: float = 0.95) -> pd.DataFrame:
@@ -183,7 +190,7 @@ def summarise(results: str | os.PathLike | pd.DataFrame, level: float = 0.95) ->
     (``ADAPTIVE_BUDGET`` for adaptive strategies), ``n`` (images with a
     result there), and for each of ``METRICS`` ``{metric}_mean``,
     ``{metric}_lo``, ``{metric}_hi`` (``mean_ci``: a t-interval on the
-    per-image values; a metric's own n can be smaller when some images have
+    per-image values, cut to the metric's ``RANGES``; a metric's own n can be smaller when some images have
     no value, e.g. no head). Error rows are left out. Rows follow the
     strategies' order in the file's first appearance, then the budget.
     """
@@ -194,7 +201,7 @@ def summarise(results: str | os.PathLike | pd.DataFrame, level: float = 0.95) ->
     for (strategy, budget), group in df.groupby(["strategy", "budget"], sort=False):
         row = {"strategy": strategy, "budget": int(budget), "n": int(len(group))}
         for metric in METRICS:
-            _, mean, lo, hi = mean_ci(group[metric].to_numpy(), level)
+            _, mean, lo, hi = mean_ci(group[metric].to_numpy(), level, RANGES[metric])
             row.update({f"{metric}_mean": mean, f"{metric}_lo": lo, f"{metric}_hi": hi})
         rows.append(row)
     columns = ["strategy", "budget", "n"] + [f"{m}_{s}" for m in METRICS for s in ("mean", "lo", "hi")]

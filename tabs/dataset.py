@@ -30,8 +30,9 @@ WORST_K = 8
 TEXT = """**A choice of compression is made on many images.** Run a sweep over a folder -
 `python -m compress sweep PHOTOS/ --out results.parquet` (Ray: local by default, `--address` for a
 cluster) - then open the results file here: the mean of each metric against M for every strategy with
-its 95 % confidence band (a t-interval over images), the table, and each strategy's worst images on the
-metric you choose. Click a worst image to open it in the explorer tabs and see why."""
+its 95 % confidence band (a t-interval over images, cut to the values the metric can take), the table,
+and each strategy's worst images on the metric you choose. Click a worst image to open it in the
+explorer tabs and see why."""
 
 
 def under_roots(path: str) -> Path | None:
@@ -142,7 +143,8 @@ def build(w: Wiring) -> Tab:
             note = gr.Markdown(elem_id="dataset-note")
         plot = gr.Plot(label="Mean against M with 95% confidence bands", elem_id="dataset-plot")
         table = gr.Dataframe(label="Per strategy and budget", interactive=False,
-                             elem_id="dataset-table", max_height=420, wrap=True)
+                             elem_id="dataset-table", max_height=420, wrap=True,
+                             column_widths=["14%", "8%", "8%", "6%", "16%", "16%", "16%", "16%"])
         with gr.Row():
             strategy = gr.Dropdown([], label="Worst images of", elem_id="dataset-strategy")
             metric = gr.Radio(METRICS, value="cc", label="on", elem_id="dataset-metric")

@@ -35,10 +35,11 @@ KNOBS = [(name, knob) for name in NAMES for knob in STRATEGIES[name].knobs]
 TEXT = """**What am I looking at?** The methods people compare against, at a token budget M.
 The picture follows the form of each result: clusters for merging (pooling, VisionZip's contextual
 groups), outlined kept patches for selection (DivPrune, random keep), and for PruMerge each patch
-coloured by the kept token that absorbed it. PruMerge picks its own M from the image (CLS-attention
-outliers), so the budget slider does not move it. CDPruner weighs diversity by relevance to a query
-patch: click the picture to choose it (the same query as in the pruning tab); for the other
-strategies a click inspects the token there."""
+coloured by the kept token that absorbed it - the one colour over most of the picture is PruMerge's
+summary token, the attention-weighted mean of every patch no kept token absorbed. PruMerge picks its
+own M from the image (CLS-attention outliers), so the budget slider does not move it. CDPruner weighs
+diversity by relevance to a query patch: click the picture to choose it (the same query as in the
+pruning tab); for the other strategies a click inspects the token there."""
 
 
 def settings_for(name: str, knob_values) -> dict:

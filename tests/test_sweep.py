@@ -28,6 +28,8 @@ from compress.results import (
     ADAPTIVE_BUDGET,
     COLUMNS,
     ERROR_STRATEGY,
+    METRICS,
+    RANGES,
     load_results,
     mean_ci,
     summarise,
@@ -150,6 +152,23 @@ def test_mean_ci_is_the_t_interval_on_a_hand_case():
     assert mean_ci([])[0] == 0
 
 
+def test_a_confidence_interval_stays_within_what_the_metric_can_take():
+    # five mean cosines, one low: the t-interval reaches past 1, which no cosine can
+    values = [1.0, 1.0, 1.0, 1.0, 0.6]
+    _, mean, lo, hi = mean_ci(values)
+    assert hi > 1.0  # the plain interval
+    _, mean_cut, lo_cut, hi_cut = mean_ci(values, bounds=RANGES["fidelity"])
+    assert (mean_cut, lo_cut, hi_cut) == (mean, lo, 1.0)
+    frame = pd.DataFrame({"image": [f"{i}.jpg" for i in range(5)], "strategy": "pooling",
+                          "budget": 16, "M": 16, "fidelity": values, "kl": [0.0, 0.0, 0.0, 0.0, 0.5],
+                          "error": ""})
+    for metric in METRICS:
+        if metric not in frame:
+            frame[metric] = math.nan
+    row = summarise(frame).iloc[0]
+    assert row["fidelity_hi"] == 1.0 and row["kl_lo"] == 0.0
+
+
 def hand_results() -> pd.DataFrame:
     rows = []
     for i, (cc, fid) in enumerate(zip([1, 2, 3, 4, 5], [0.5, 0.6, 0.7, 0.8, 0.9], strict=True)):
@@ -171,8 +190,10 @@ def test_summarise_hand_case_leaves_out_errors_and_missing_values():
     pool = s.iloc[0]
     assert (pool["budget"], pool["n"]) == (16, 5)
     assert pool["cc_mean"] == 3.0
-    assert pool["cc_lo"] == pytest.approx(1.0368, abs=1e-4)
-    assert pool["cc_hi"] == pytest.approx(4.9632, abs=1e-4)
+    # KL 9, 8, 7, 6, 5: the t-interval of 1..5 moved by 4 (cc's 1..5 lie outside what a CC can take)
+    assert pool["kl_mean"] == 7.0
+    assert pool["kl_lo"] == pytest.approx(5.0368, abs=1e-4)
+    assert pool["kl_hi"] == pytest.approx(8.9632, abs=1e-4)
     assert pool["fidelity_mean"] == pytest.approx(0.7)
     assert pool["M_lo"] == pool["M_hi"] == 16.0  # no spread, no width
     pm = s.iloc[1]
