@@ -166,8 +166,8 @@ def mean_ci(values, level: float = 0.95,
 
     The interval is mean +- t_{(1 + level) / 2, n - 1} * s / sqrt(n), s the
     sample standard deviation (n - 1 in the denominator): the textbook
-    t-interval on the per-image values, cut to ``bounds`` (the values the
-    metric can take). NaNs are left out (an image without a head value);
+    t-interval on the per-image values; mean and interval are cut to
+    ``bounds`` (the values the metric can take). NaNs are left out (an image without a head value);
     with one value the interval is NaN, with none all are NaN.
     """
     level = check_real("level", level, 0.0, 1.0)
@@ -180,7 +180,9 @@ def mean_ci(values, level: float = 0.95,
     if n == 1:
         return 1, mean, math.nan, math.nan
     half = t_quantile((1.0 + level) / 2.0, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
-    return n, mean, max(mean - half, bounds[0]), min(mean + half, bounds[1])
+    # the mean too: rounding leaves a KL of identical maps at -1e-7, which no KL can be
+    inside = min(max(mean, bounds[0]), bounds[1])
+    return n, inside, min(max(mean - half, bounds[0]), inside), max(min(mean + half, bounds[1]), inside)
 
 
 def summarise(results: str | os.PathLike | pd.DataFrame, level: float = 0.95) -> pd.DataFrame:

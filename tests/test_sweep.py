@@ -167,6 +167,9 @@ def test_a_confidence_interval_stays_within_what_the_metric_can_take():
             frame[metric] = math.nan
     row = summarise(frame).iloc[0]
     assert row["fidelity_hi"] == 1.0 and row["kl_lo"] == 0.0
+    # a KL of identical maps rounds to -1e-7: mean and interval stay at 0, low <= mean <= high
+    n, mean, lo, hi = mean_ci([-1e-7, -2e-7, -1e-7], bounds=RANGES["kl"])
+    assert mean == lo == 0.0 <= hi < 1e-6
 
 
 def hand_results() -> pd.DataFrame:
@@ -189,8 +192,8 @@ def test_summarise_hand_case_leaves_out_errors_and_missing_values():
     assert list(s["strategy"]) == ["pool", "prumerge"]
     pool = s.iloc[0]
     assert (pool["budget"], pool["n"]) == (16, 5)
-    assert pool["cc_mean"] == 3.0
-    # KL 9, 8, 7, 6, 5: the t-interval of 1..5 moved by 4 (cc's 1..5 lie outside what a CC can take)
+    assert pool["cc_mean"] == 1.0  # these CCs of 1..5 lie outside what a CC can take: cut to 1
+    # KL 9, 8, 7, 6, 5: the t-interval of 1..5 moved by 4
     assert pool["kl_mean"] == 7.0
     assert pool["kl_lo"] == pytest.approx(5.0368, abs=1e-4)
     assert pool["kl_hi"] == pytest.approx(8.9632, abs=1e-4)
