@@ -51,6 +51,26 @@ TABS = (merge, prune, resampler, more, inside, compare, features, dataset)  # in
 # Tighter tab labels: with Gradio's padding the last two tabs went behind a "..." menu on a
 # 1280 px screen, where nobody finds them.
 CSS = ".tab-wrapper button { padding-left: 10px; padding-right: 10px; }"
+# A slider moved with the keyboard, or a value typed into its box and Enter pressed, has come to
+# rest as surely as one let go of with the mouse, but Gradio sends its "release" only for the
+# mouse (and on leaving the box): the slider's own update (fidelity, the model downstream, a new
+# encode for the input size) never came. The page tells Gradio as the mouse would.
+JS = """() => {
+  const keys = ["ArrowLeft", "ArrowRight", "ArrowUp", "ArrowDown", "PageUp", "PageDown", "Home", "End"];
+  document.addEventListener("keyup", (e) => {
+    const t = e.target;
+    if (t instanceof HTMLInputElement && t.type === "range" && keys.includes(e.key)) {
+      t.dispatchEvent(new PointerEvent("pointerup", {bubbles: true}));
+    }
+  });
+  document.addEventListener("keydown", (e) => {
+    const t = e.target;
+    if (t instanceof HTMLInputElement && t.type === "number" && e.key === "Enter"
+        && t.closest(".block")?.querySelector("input[type=range]")) {
+      t.blur();
+    }
+  });
+}"""
 
 
 def build() -> gr.Blocks:
@@ -123,7 +143,7 @@ def main(argv: list[str] | None = None) -> None:
     theme = gr.themes.Default(font=["ui-sans-serif", "system-ui", "sans-serif"],
                               font_mono=["ui-monospace", "monospace"])
     build().launch(server_name=args.host, server_port=args.port, share=args.share, theme=theme,
-                   footer_links=["api"], run_history=False, show_error=True, css=CSS,
+                   footer_links=["api"], run_history=False, show_error=True, css=CSS, js=JS,
                    max_file_size=int(limits.max_upload_mb * 2**20))
 
 

@@ -412,3 +412,29 @@ def test_dataset_tab_opens_a_worst_image_in_the_explorer(page, tmp_path):
     stem = name.split("· ")[-1].split(".")[0].rstrip("…").rstrip(".")
     assert stem[:4] in shown, (name, shown)
     assert page.locator("#merge-overlay").is_visible()
+
+
+def test_a_slider_moved_by_keyboard_or_typed_in_gets_its_numbers(page):
+    # Gradio sends a slider's release only for the mouse (and on leaving its box): moved with
+    # the arrow keys, or typed into with Enter, the picture came without fidelity, for good
+    page.get_by_role("tab", name="Merging").click()
+    page.wait_for_selector("#merge-overlay img")
+    settle(page, "merge-overlay", "merge-stats")
+    rng = page.locator("#merge-threshold input[type=range]")
+    old, stats = src(page, "merge-overlay"), text(page, "merge-stats")
+    rng.focus()
+    for _ in range(3):
+        rng.press("ArrowLeft")
+    wait_changed(page, "merge-overlay", old, "merge-stats", stats)
+    page.wait_for_function("() => /fidelity \\d\\.\\d{4}/.test(document.querySelector("
+                           "'#merge-stats').innerText)", timeout=30_000)
+    box = page.locator("#merge-threshold input[type=number]")
+    old, stats = src(page, "merge-overlay"), text(page, "merge-stats")
+    box.fill("0.97")
+    box.press("Enter")
+    wait_changed(page, "merge-overlay", old, "merge-stats", stats)
+    page.wait_for_function("() => /fidelity \\d\\.\\d{4}/.test(document.querySelector("
+                           "'#merge-stats').innerText)", timeout=30_000)
+    settle(page, "merge-overlay", "merge-stats")
+    assert re.search(r"fidelity \d\.\d{4}", text(page, "merge-stats")), text(page, "merge-stats")
+    assert tokens_out(text(page, "merge-stats")) != tokens_out(stats)
