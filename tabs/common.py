@@ -300,10 +300,9 @@ class Steps:
     ``figure_kw``: what ``render`` may skip when only the figure is wanted (the resampler's
     latent maps)."""
 
-    def __init__(self, render: Callable, details: Details, gesture: Gesture | None = None,
-                 **figure_kw):
+    def __init__(self, render: Callable, details: Details, **figure_kw):
         self.render, self.details, self.figure_kw = render, details, figure_kw
-        self.gesture = gesture or Gesture(details.tab)  # drags and releases in the user's order
+        self.gesture = Gesture(details.tab)  # drags and releases in the user's order
 
     def quick(self, session, *values) -> list:
         """The pictures and numbers, no figure: a first picture, a released control."""

@@ -9,12 +9,11 @@ fidelity (or an earlier position's picture) on the page, and its panel as the
 one exported. ``Gesture`` orders them per session and tab:
 
 - a full update (a release, or any control that is not dragged) notes when it
-  started and with which values, then runs;
+  started, and a release the value its slider was let go at, then runs;
 - a drag update of a slider at the value that slider was last released at is
-  the gesture's trailing update (a new drag's first update has moved off it):
-  it is skipped, however late it comes, whatever was released since;
-- a drag update whose setting the last full update started with is answered
-  (the release brings the same picture and its numbers): it is skipped;
+  the gesture's trailing update (the release brings the same picture and its
+  numbers; a new drag's first update has moved off that value): it is
+  skipped, however late it comes, whatever was released since;
 - a drag update is skipped when a full update started after it (it shows a
   position the user has left), checked before and after its work;
 - the two take turns on one lock per session and tab, so a skipped drag never
@@ -42,32 +41,20 @@ _clock = itertools.count(1)  # one order for every start, across sessions (next(
 
 
 class _Moves:
-    """One session's state for one tab: its lock and the last full update's start and values."""
+    """One session's state for one tab: its lock, the last full update's start, and where each
+    slider was last let go."""
 
     def __init__(self):
         self.lock = threading.Lock()
         self.full_at = 0
-        self.full_values: tuple | None = None
-        self.released: dict[int, object] = {}  # a slider's place in the values -> its last release
-
-
-def _same(a: tuple | None, b: tuple) -> bool:
-    if a is None or len(a) != len(b):
-        return False
-    try:
-        return all(x == y if isinstance(x, (str, int, float, bool, type(None))) else x is y
-                   for x, y in zip(a, b, strict=True))
-    except Exception:  # noqa: BLE001 - values that do not compare are different
-        return False
+        self.released: dict[int, float] = {}  # a slider's place in the values -> its last release
 
 
 class Gesture:
-    """The drag and full updates of one tab (``key``), ordered per session. ``settings(values)``:
-    what of a handler's values (its inputs after the session) make the setting shown, compared
-    to tell a drag the release has answered (default: all of them)."""
+    """The drag and full updates of one tab (``key``), ordered per session."""
 
-    def __init__(self, key: str, settings: Callable[[tuple], tuple] = lambda values: values):
-        self.key, self.settings = key, settings
+    def __init__(self, key: str):
+        self.key = key
 
     def _moves(self, session) -> _Moves:
         return session.moves.setdefault(self.key, _Moves())  # setdefault: atomic on a dict
@@ -82,7 +69,7 @@ class Gesture:
             m = self._moves(session)
             if slider is not None:
                 m.released[slider] = values[slider]
-            m.full_at, m.full_values = next(_clock), self.settings(values)
+            m.full_at = next(_clock)
             give_way()
             with m.lock:
                 return fn(session, *values)
@@ -96,12 +83,11 @@ class Gesture:
         def run(session, *values):
             if session is None:
                 return fn(session, *values)
-            start, m, setting = next(_clock), self._moves(session), self.settings(values)
+            start, m = next(_clock), self._moves(session)
             give_way()
 
             def answered() -> bool:
-                return (m.full_at > start or _same(m.full_values, setting)
-                        or (slider in m.released and _same((m.released[slider],), (values[slider],))))
+                return m.full_at > start or m.released.get(slider) == values[slider]
 
             with m.lock:
                 if answered():

@@ -7,7 +7,6 @@ import gradio as gr
 from viz.panels import merge_panel
 
 from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need, stats_md
-from .gesture import Gesture
 
 ID = "merge"
 METHODS = [("adjacent threshold", "threshold"), ("ToMe bipartite", "tome")]
@@ -71,9 +70,7 @@ def build(w: Wiring) -> Tab:
                     *(details.view(session) if with_details else [])]
         return fn
 
-    # the slider a drag moves sets the method: a drag and its release are the same setting
-    # when the sliders and the fill are
-    steps = Steps(render, details, Gesture(ID, settings=lambda values: values[1:]))
+    steps = Steps(render, details)
     w.on(api_full.click, steps.everything, inputs, full, "merge", **LIVE)
     for slider, chosen in ((threshold, "threshold"), (target, "tome")):
         steps.on_drag(w, slider.input, inputs, [method] + live, by(chosen, False))
