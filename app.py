@@ -49,8 +49,10 @@ QUEUE_SIZE = int(os.environ.get("TCE_QUEUE_SIZE", "128"))
 CONCURRENCY = int(os.environ.get("TCE_CONCURRENCY", str((os.cpu_count() or 2) + 1)))
 TABS = (merge, prune, resampler, more, inside, compare, features, dataset)  # in the order they appear
 # Tighter tab labels: with Gradio's padding the last two tabs went behind a "..." menu on a
-# 1280 px screen, where nobody finds them.
-CSS = ".tab-wrapper button { padding-left: 10px; padding-right: 10px; }"
+# 1280 px screen, where nobody finds them. Table headers wrap between words, never inside one
+# ("fidelit / y" in a narrow column).
+CSS = """.tab-wrapper button { padding-left: 10px; padding-right: 10px; }
+.header-cell .text { word-break: normal; overflow-wrap: normal; }"""
 # A slider moved with the keyboard, or a value typed into its box and Enter pressed, has come to
 # rest as surely as one let go of with the mouse, but Gradio sends its "release" only for the
 # mouse (and on leaving the box): the slider's own update (fidelity, the model downstream, a new

@@ -184,7 +184,7 @@ def build(w: Wiring) -> Tab:
                         show_label=False, elem_id="compare-grid")
         table = gr.Dataframe(label="Numbers", interactive=False, elem_id="compare-table",
                              max_height=760, wrap=True,
-                             column_widths=["24%", "6%", "7%", "10%", "9%", "12%", "8%", "24%"])
+                             column_widths=["24%", "6%", "8%", "11%", "9%", "12%", "8%", "22%"])
         curve_note = gr.Markdown(elem_id="compare-curve-note")
         plot = gr.Plot(label="Fidelity and task agreement against M", elem_id="compare-plot")
         gr.Markdown(TEXT)
