@@ -45,6 +45,14 @@ def neighbour_similarity(
     return edges, sims
 
 
+def encoding_neighbours(enc: Encoding, connectivity: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+    """``neighbour_similarity`` of the encoding's patch tokens, kept with the encoding (every
+    threshold a slider passes reads the same similarities)."""
+    check_choice("connectivity", connectivity, (4, 8))
+    return enc.remember(("neighbours", connectivity),
+                        lambda: neighbour_similarity(enc.tokens, enc.grid, connectivity))
+
+
 def connected_components(num_nodes: int, edges: torch.Tensor) -> torch.Tensor:
     """Component label per node, [num_nodes], labels 0..K-1 ordered by smallest member.
 
@@ -80,6 +88,15 @@ def _hard_assign(labels: torch.Tensor, num_out: int) -> torch.Tensor:
     return onehot / onehot.sum(dim=1, keepdim=True)
 
 
+def _member_means(labels: torch.Tensor, num_out: int, tokens: torch.Tensor) -> torch.Tensor:
+    """The mean of each cluster's member tokens, [M, C] (``assign @ tokens`` for hard rows, by
+    one pass of sums instead of an [M, N] x [N, C] product)."""
+    sums = torch.zeros(num_out, tokens.shape[1], device=tokens.device).index_add_(
+        0, labels, tokens.float())
+    counts = torch.bincount(labels, minlength=num_out).clamp(min=1)
+    return (sums / counts[:, None]).to(tokens.dtype)
+
+
 def _best_merged_edge(n: int, edges: torch.Tensor, sims: torch.Tensor) -> torch.Tensor:
     """Per patch, the highest similarity among the edges that merged it, [N] (NaN: merged with none)."""
     best = torch.full((n,), -math.inf, device=sims.device)
@@ -105,12 +122,12 @@ def merge_threshold(enc: Encoding, threshold: float, connectivity: int = 4) -> C
     threshold = check_real("threshold", threshold)
     check_choice("connectivity", connectivity, (4, 8))
     start = time.perf_counter()
-    edges, sims = neighbour_similarity(enc.tokens, enc.grid, connectivity)
+    edges, sims = encoding_neighbours(enc, connectivity)
     keep = edges[sims >= threshold]
     labels = connected_components(enc.num_patches, keep)
     num_out = int(labels.max()) + 1
     assign = _hard_assign(labels, num_out)
-    tokens = assign.to(enc.tokens.dtype) @ enc.tokens
+    tokens = _member_means(labels, num_out, enc.tokens)
     return Compression(
         tokens=tokens,
         assign=assign,
@@ -181,6 +198,35 @@ def bipartite_round(
     return new_metric, new_members
 
 
+def _labelled_round(metric: torch.Tensor, size: torch.Tensor, holder: torch.Tensor,
+                    r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``bipartite_round`` with membership as ``holder`` [N] (the token holding each patch) and
+    ``size`` [T] (patches per token): the same split, matching, size-weighted sums and order.
+    Returns the new (metric [T - r, D], size [T - r], holder [N])."""
+    t = metric.shape[0]
+    r = min(r, t // 2)
+    if r <= 0:
+        return metric, size, holder
+    unit = F.normalize(metric.float(), dim=-1)
+    src_idx, unm_idx, dst_idx = bipartite_match(unit[0::2], unit[1::2], r)
+    weighted = metric.float() * size[:, None]
+    a_w, b_w = weighted[0::2], weighted[1::2]
+    a_s, b_s = size[0::2], size[1::2]
+    b_w = b_w.index_add(0, dst_idx, a_w[src_idx])
+    b_s = b_s.index_add(0, dst_idx, a_s[src_idx])
+    new_size = torch.cat([a_s[unm_idx], b_s])
+    new_metric = torch.cat([a_w[unm_idx], b_w]) / new_size[:, None]
+    # where each old token went: unmerged A tokens first, then the B tokens (merged A into theirs)
+    u = unm_idx.shape[0]
+    moved = torch.empty(t, dtype=holder.dtype, device=holder.device)
+    moved[1::2] = torch.arange(u, u + b_s.shape[0], device=holder.device)
+    a_to = torch.empty(a_s.shape[0], dtype=holder.dtype, device=holder.device)
+    a_to[unm_idx] = torch.arange(u, device=holder.device)
+    a_to[src_idx] = u + dst_idx
+    moved[0::2] = a_to
+    return new_metric, new_size, moved[holder]
+
+
 def merge_bipartite(
     enc: Encoding,
     target: int | None = None,
@@ -209,29 +255,37 @@ def merge_bipartite(
         feats = enc.k[:, enc.num_prefix:].float().mean(dim=0)
     else:
         feats = enc.tokens.float()
-    members = torch.eye(n, device=feats.device)
+    # Every token holds whole patches, so who holds what is one label per patch and a size per
+    # token: the rounds of ``bipartite_round`` without its [T, N] membership matrix.
+    holder = torch.arange(n, device=feats.device)
+    size = torch.ones(n, device=feats.device)
     if target is None:
-        feats, members = bipartite_round(feats, members, r)
+        feats, size, holder = _labelled_round(feats, size, holder, r)
         rounds = 1
     else:
         rounds = 0
-        while members.shape[0] > target:
-            t = members.shape[0]
+        while size.shape[0] > target:
+            t = size.shape[0]
             step = min(t // 2, t - target, r if r else math.inf)
             if step <= 0:
                 break
-            feats, members = bipartite_round(feats, members, int(step))
+            feats, size, holder = _labelled_round(feats, size, holder, int(step))
             rounds += 1
-    first = torch.where(members > 0, torch.arange(n, device=members.device), n).amin(dim=1)
-    members = members[torch.argsort(first)]
-    assign = members / members.sum(dim=1, keepdim=True)
-    tokens = assign.to(enc.tokens.dtype) @ enc.tokens
+    m = size.shape[0]
+    first = torch.full((m,), n, device=holder.device).scatter_reduce(
+        0, holder, torch.arange(n, device=holder.device), reduce="amin")
+    order = torch.argsort(first)
+    rank = torch.empty_like(first)
+    rank[order] = torch.arange(m, device=first.device)
+    labels = rank[holder]  # tokens ordered by their first patch in grid order
+    assign = _hard_assign(labels, m)
+    tokens = _member_means(labels, m, enc.tokens)
     return Compression(
         tokens=tokens,
         assign=assign,
         strategy="merge_bipartite",
         params={"target": target, "r": r, "metric": metric},
-        extra={"rounds": rounds, "sizes": members.sum(dim=1)},
+        extra={"rounds": rounds, "sizes": size[order]},
         elapsed_ms=(time.perf_counter() - start) * 1e3,
         form="merge",
     )

@@ -13,7 +13,7 @@ import torch
 
 from ._checks import check_int, check_real
 from .cluster import DPC_K, dpc_knn
-from .merge import merge_bipartite, merge_threshold, neighbour_similarity, pool
+from .merge import encoding_neighbours, merge_bipartite, merge_threshold, pool
 from .prune import (
     VISIONZIP_DOMINANT_RATIO,
     divprune,
@@ -77,7 +77,7 @@ def threshold_for_budget(enc: Encoding, budget: int, connectivity: int = 4) -> f
     candidates are exactly those values (plus "merge nothing"); a binary
     search over them uses that the count never falls as the threshold rises.
     """
-    _, sims = neighbour_similarity(enc.tokens, enc.grid, connectivity)
+    _, sims = encoding_neighbours(enc, connectivity)
     cands = torch.cat([sims.unique(), torch.tensor([1.01], device=sims.device)]).tolist()
     lo, hi = 0, len(cands) - 1
     while lo < hi:  # smallest candidate whose count is >= budget

@@ -53,6 +53,10 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        # True in the k-means layout (``init_from_centroids``): the query and key projections are
+        # the identity, so ``attention`` and ``keys`` skip those products (the same numbers:
+        # x * 1 plus zeros is x exactly)
+        self.identity_qk = False
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = self.norm_media(x)
@@ -69,7 +73,7 @@ class PerceiverAttention(nn.Module):
     def keys(self, x: torch.Tensor) -> torch.Tensor:
         """The keys of rows ``x`` [R, D] (media tokens or latents): [H, R, d]."""
         inner = self.to_q.weight.shape[0]
-        k = F.linear(x, self.to_kv.weight[:inner])
+        k = x if self.identity_qk else F.linear(x, self.to_kv.weight[:inner])
         return k.view(k.shape[0], self.heads, -1).transpose(0, 1)
 
     def media_keys(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,10 +87,19 @@ class PerceiverAttention(nn.Module):
 
         ``media_keys``: ``self.media_keys(x)`` computed earlier (the same numbers)."""
         lat = self.norm_latents(latents)
-        q = self.to_q(lat).view(lat.shape[0], self.heads, -1).transpose(0, 1)
+        q = lat if self.identity_qk else self.to_q(lat)
+        q = q.view(lat.shape[0], self.heads, -1).transpose(0, 1)
         k_media = self.media_keys(x) if media_keys is None else media_keys
         k = torch.cat([k_media, self.keys(lat)], dim=1)
         return ((q * self.scale) @ k.transpose(-1, -2)).softmax(dim=-1)
+
+
+def _same_norms(a: PerceiverAttention, b: PerceiverAttention) -> bool:
+    """Whether two layers' norms (all the attention map depends on with identity q/k) agree."""
+    return a.identity_qk and b.identity_qk and all(
+        torch.equal(p, q) for p, q in zip((*a.norm_media.parameters(), *a.norm_latents.parameters()),
+                                          (*b.norm_media.parameters(), *b.norm_latents.parameters()),
+                                          strict=True))
 
 
 class FeedForward(nn.Sequential):
@@ -131,7 +144,7 @@ class PerceiverResampler(nn.Module):
     def forward(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         latents = self.latents
         if self.zero_residual:
-            return self.norm(latents), [attn.attention(tokens, latents) for attn, _ in self.layers]
+            return self.norm(latents), self.layer_maps(tokens, latents)
         maps = []
         for attn, ff in self.layers:
             update, a = attn(tokens, latents)
@@ -153,7 +166,22 @@ class PerceiverResampler(nn.Module):
             attn.to_kv.weight[:inner].copy_(eye)
             attn.to_out.weight.zero_()
             ff[-1].weight.zero_()
+            attn.identity_qk = True
         self.zero_residual = True
+
+    def layer_maps(self, tokens: torch.Tensor, latents: torch.Tensor,
+                   media_keys: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Every layer's attention map in the k-means layout (``zero_residual``): the latents
+        reach every layer unchanged, so each map is one softmax of latent-to-token similarity.
+        Layers whose norms are equal compute the same map: it is computed once and shared.
+        ``media_keys``: each layer's ``media_keys(tokens)``, computed earlier."""
+        maps: list[torch.Tensor] = []
+        for i, (attn, _) in enumerate(self.layers):
+            same = next((maps[j] for j, (prev, _) in enumerate(self.layers[:i])
+                         if _same_norms(prev, attn)), None)
+            keys = None if media_keys is None else media_keys[i]
+            maps.append(same if same is not None else attn.attention(tokens, latents, keys))
+        return maps
 
 
 def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0,
@@ -184,7 +212,8 @@ def kmeans(x: torch.Tensor, k: int, iters: int = 15, seed: int = 0,
     sq = x.pow(2).sum(dim=1, keepdim=True)
     for _ in range(iters):
         # squared distances through one matmul: |x|^2 - 2 x.c + |c|^2
-        dist = (sq - 2 * x @ centroids.T + centroids.pow(2).sum(dim=1)).clamp(min=0)
+        # (in place, in the same order: -2 (x.c) + |x|^2 is sq - 2 x.c to the bit)
+        dist = (x @ centroids.T).mul_(-2).add_(sq).add_(centroids.pow(2).sum(dim=1)).clamp_(min=0)
         near = dist.argmin(dim=1)
         counts = torch.bincount(near, minlength=k)
         new = torch.zeros_like(centroids).index_add_(0, near, x) / counts.clamp(min=1)[:, None]
@@ -281,6 +310,8 @@ def resample(
     if init == "fit" and steps:
         model = copy.deepcopy(base).requires_grad_(True)
         model.zero_residual = False  # training moves the residual branches off zero
+        for attn, _ in model.layers:  # ... and the q/k projections off the identity
+            attn.identity_qk = False
         model.latents = nn.Parameter(latents.clone())
         with torch.enable_grad(), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -304,8 +335,7 @@ def resample(
             # the media keys of every layer are kept with the encoding (a latent slider reuses them).
             keys = enc.remember(("resampler_keys", depth, heads, seed), lambda: [
                 attn.media_keys(tokens) for attn, _ in base.layers], keep=4)
-            maps = [attn.attention(tokens, latents, k) for (attn, _), k in zip(base.layers, keys,
-                                                                                strict=True)]
+            maps = base.layer_maps(tokens, latents, keys)
             out = base.norm(latents)
         elif model is base:  # run the shared module with this image's latents, without mutating it
             params = {**dict(base.named_parameters()), "latents": latents}
@@ -316,8 +346,13 @@ def resample(
         # (a live latent slider would pay for it on every move and never show it).
         final_loss = float(_reconstruction_loss(normed, out, maps[-1])) if losses else None
     n = enc.num_patches
-    stacked = torch.stack(maps)  # [depth, H, M, N + M]
-    patch_maps = stacked[..., :n]
+    if all(m is maps[0] for m in maps):  # one map shared by every layer: no copies of it
+        one = maps[0]
+        patch_maps = one[..., :n].expand(len(maps), *one[..., :n].shape)
+        latent_mass = one[..., n:].sum(dim=-1).expand(len(maps), *one.shape[:-1])
+    else:
+        stacked = torch.stack(maps)  # [depth, H, M, N + M]
+        patch_maps, latent_mass = stacked[..., :n], stacked[..., n:].sum(dim=-1)
     assign = patch_maps[-1].mean(dim=0)
     assign = assign / assign.sum(dim=1, keepdim=True).clamp(min=1e-30)
     return Compression(
@@ -328,7 +363,7 @@ def resample(
                 "seed": seed, "steps": steps if init == "fit" else 0},
         extra={
             "maps": patch_maps.detach(),
-            "latent_mass": stacked[..., n:].sum(dim=-1).detach(),
+            "latent_mass": latent_mass.detach(),
             "trained": init == "fit",
             "loss": losses,
             "final_loss": final_loss,

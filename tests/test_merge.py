@@ -141,6 +141,23 @@ def test_tome_target_runs_rounds_until_reached(coffee_enc):
     assert merge_bipartite(coffee_enc, target=64).extra["rounds"] == 4  # 288, 144, 72, 64
 
 
+@pytest.mark.parametrize("target", [1, 7, 64, 200, 575])
+def test_tome_target_equals_rounds_of_the_membership_matrix(coffee_enc, target):
+    """merge_bipartite tracks membership as a label per patch; it must give the partition,
+    sizes and order of repeating bipartite_round (the [T, N] membership matrix) itself."""
+    n = coffee_enc.num_patches
+    feats = coffee_enc.k[:, coffee_enc.num_prefix:].float().mean(dim=0)
+    members = torch.eye(n)
+    while members.shape[0] > target:
+        t = members.shape[0]
+        feats, members = bipartite_round(feats, members, min(t // 2, t - target))
+    first = torch.where(members > 0, torch.arange(n), n).amin(dim=1)
+    members = members[torch.argsort(first)]
+    out = merge_bipartite(coffee_enc, target=target)
+    assert torch.equal(out.assign, members / members.sum(dim=1, keepdim=True))
+    assert torch.equal(out.extra["sizes"], members.sum(dim=1))
+
+
 def test_tome_needs_a_budget_and_valid_metric(coffee_enc):
     with pytest.raises(ValueError, match="token budget"):
         merge_bipartite(coffee_enc)

@@ -246,6 +246,24 @@ def test_prune_query_marker_only_near_its_patch():
     assert (marked[int(centre), int(centre)] == 90).all()  # the patch centre itself stays visible
 
 
+def test_kept_drawings_follow_the_image_and_the_settings():
+    """What is drawn from an image alone is kept with it (resized, dimmed, cell colours): a
+    second image, another dim or another size must never be served the first one's."""
+    mask = _checker_mask()
+    first, second = colourful_image(160), grey_image((160, 160), 200)
+    viz.prune_overlay(first, (4, 4), mask, display=160)
+    viz.cluster_overlay(first, (4, 4), np.zeros(16, dtype=int), display=160)
+    assert (px(viz.prune_overlay(second, (4, 4), np.ones(16, bool), display=160)) == 200).all()
+    mean = px(viz.cluster_overlay(second, (4, 4), np.zeros(16, dtype=int), borders=False,
+                                  display=160))
+    assert (mean == 200).all()  # the mean colour of the grey image, not of the first one
+    dark = px(viz.prune_overlay(second, (4, 4), ~np.ones(16, bool), display=160, dim=0.35))
+    darker = px(viz.prune_overlay(second, (4, 4), ~np.ones(16, bool), display=160, dim=0.2))
+    assert dark[80, 80, 0] == 70 and darker[80, 80, 0] == 40  # 200 * dim, per call
+    small = viz.prune_overlay(second, (4, 4), mask, display=80)
+    assert small.size == (80, 80) and small.mode == "RGB"
+
+
 def test_prune_accepts_tensors():
     mask = torch.from_numpy(_checker_mask())
     scores = torch.arange(16, dtype=torch.bfloat16)

@@ -116,38 +116,61 @@ def _expand_rgb(cell_rgb: np.ndarray, ey: np.ndarray, ex: np.ndarray) -> Image.I
     return Image.frombytes("RGB", (px.shape[1], px.shape[0]), px, "raw", "RGBX")
 
 
-_BASE_CACHE: dict[tuple[int, tuple[int, int]], tuple[weakref.ref, Image.Image]] = {}
+_DERIVED: dict[tuple, tuple[weakref.ref, object]] = {}
 
 
-# Resized images kept: one per (image, size) a session is drawing, so 32 serve a class of 16 at two
-# sizes (each 672 x 672 RGB is 1.35 MB); with 8, sixteen sessions resized on every update.
-BASE_CACHE_SIZE = 32
+# Things drawn from an image and kept: per (image, what, size...), one per image a session is
+# drawing, so 48 serve a class of 16 in two or three tabs (the largest, a pruning pair of 672 x
+# 672 RGBA arrays, is 3.6 MB; each resized image 1.35 MB); with 8, sixteen sessions resized
+# on every update.
+DERIVED_KEPT = 48
+
+
+def _derived(image: Image.Image, key: tuple, make):
+    """``make()``, kept for later calls with the same ``image`` (by identity, held weakly) and
+    ``key``. Slider moves redraw the same encoding image at the same size, so what depends only
+    on the image (its resized copy, its dimmed copy, its cell colour sums) is made once. Images
+    are treated as immutable, as they are here."""
+    full = (id(image), *key)
+    hit = _DERIVED.get(full)
+    if hit is not None and hit[0]() is image:
+        return hit[1]
+    out = make()
+    while len(_DERIVED) >= DERIVED_KEPT:  # requests draw side by side: tolerate a race
+        try:
+            _DERIVED.pop(next(iter(_DERIVED)), None)
+        except (StopIteration, RuntimeError):
+            break
+    _DERIVED[full] = (weakref.ref(image), out)
+    return out
 
 
 def _base(image: Image.Image, display: int | None) -> Image.Image:
-    """The image as RGB at its display size (bilinear).
-
-    Slider moves redraw the same encoding image at the same size, so the last
-    few resized images are cached, keyed by the identity of the image (held
-    weakly) and the size. Images are treated as immutable, as they are here.
-    """
+    """The image as RGB at its display size (bilinear), kept per image and size."""
     size = display_size(image.size, display)
     if size == image.size and image.mode == "RGB":
         return image
-    key = (id(image), size)
-    hit = _BASE_CACHE.get(key)
-    if hit is not None and hit[0]() is image:
-        return hit[1]
-    out = image if image.mode == "RGB" else image.convert("RGB")
-    if size != out.size:
-        out = out.resize(size, Image.BILINEAR)
-    while len(_BASE_CACHE) >= BASE_CACHE_SIZE:  # requests draw side by side: tolerate a race
-        try:
-            _BASE_CACHE.pop(next(iter(_BASE_CACHE)), None)
-        except (StopIteration, RuntimeError):
-            break
-    _BASE_CACHE[key] = (weakref.ref(image), out)
-    return out
+
+    def make() -> Image.Image:
+        out = image if image.mode == "RGB" else image.convert("RGB")
+        return out.resize(size, Image.BILINEAR) if size != out.size else out
+
+    return _derived(image, ("base", size), make)
+
+
+def _packed(img: Image.Image) -> np.ndarray:
+    """An RGB image as one uint32 per pixel (R, G, B, 255 in memory order), [H, W]."""
+    return np.asarray(img.convert("RGBA")).view(np.uint32)[..., 0]
+
+
+def _unpacked(px: np.ndarray) -> Image.Image:
+    """The inverse of ``_packed``: [H, W] uint32 -> an RGB image."""
+    px = np.ascontiguousarray(px)
+    return Image.frombuffer("RGBA", (px.shape[1], px.shape[0]), px, "raw", "RGBA", 0, 1).convert("RGB")
+
+
+def _colour32(colour: tuple[int, int, int]) -> np.uint32:
+    return np.array([*colour, 255], dtype=np.uint8).view(np.uint32)[0]
 
 
 def _border_width(ey: np.ndarray, ex: np.ndarray) -> int:
@@ -295,6 +318,10 @@ def _cell_sums(image: Image.Image, gh: int, gw: int) -> tuple[np.ndarray, np.nda
     Cells are cut at the image's own size with ``cell_edges``, so a cluster's
     mean colour is its summed colour over its summed pixel count.
     """
+    return _derived(image, ("cell_sums", gh, gw), lambda: _make_cell_sums(image, gh, gw))
+
+
+def _make_cell_sums(image: Image.Image, gh: int, gw: int) -> tuple[np.ndarray, np.ndarray]:
     arr = np.asarray(image.convert("RGB"), dtype=np.float64)
     h, w = arr.shape[:2]
     ey, ex = cell_edges(gh, h), cell_edges(gw, w)
@@ -505,16 +532,18 @@ def prune_overlay(
     base = _base(image, display)
     w, h = base.size
     ey, ex = cell_edges(gh, h), cell_edges(gw, w)
+    desaturate, dim = float(np.clip(desaturate, 0.0, 1.0)), float(dim)
     if heatmap and scores is not None:
         v = normalise(_flat(scores, gh * gw, "scores")).reshape(gh, gw)
         base = _blend(base, _expand_rgb(_heat_colours(v, cmap), ey, ex), 0.5)
-    # All per-pixel work in PIL's C code: grey mix, dim, then composite by the kept mask.
-    grey = base.convert("L").convert("RGB")
-    dark = Image.blend(base, grey, float(np.clip(desaturate, 0.0, 1.0)))
-    dark = dark.point(_dim_lut(float(dim)))
+        clear, dark = _clear_and_dark(base, desaturate, dim)
+    else:  # the image alone: its clear and dark versions are kept with it
+        clear, dark = _derived(image, ("dark", (w, h), desaturate, dim),
+                               lambda: _clear_and_dark(base, desaturate, dim))
     keep_px = _expand(keep, ey, ex)
-    img = Image.composite(base, dark, _mask_image(keep_px))
-    img.paste(_solid(img.size, OUTLINE_COLOR), mask=_mask_image(_kept_edges(keep_px, _border_width(ey, ex))))
+    px = np.where(keep_px, clear, dark)
+    np.copyto(px, _colour32(OUTLINE_COLOR), where=_kept_edges(keep_px, _border_width(ey, ex)))
+    img = _unpacked(px)
     if query is not None:
         cx, cy = _patch_centre(query, gh, gw, ey, ex)
         _draw_marker(img, cx, cy, min(w / gw, h / gh))
@@ -546,6 +575,14 @@ def token_overlay(
         _draw_marker(img, cx, cy, min(img.width / gw, img.height / gh))
         return img
     return prune_overlay(image, grid, support, query=patch, display=display)
+
+
+def _clear_and_dark(base: Image.Image, desaturate: float, dim: float) -> tuple[np.ndarray, np.ndarray]:
+    """``base`` and its pruned look (mixed ``desaturate`` of the way to grey, scaled by
+    ``dim``), both packed (``_packed``). The per-pixel work is PIL's C code."""
+    grey = base.convert("L").convert("RGB")
+    dark = Image.blend(base, grey, desaturate).point(_dim_lut(dim))
+    return _packed(base), _packed(dark)
 
 
 @lru_cache(maxsize=4)

@@ -25,7 +25,7 @@ from compress import (
     resample,
     summary,
 )
-from compress.merge import neighbour_similarity
+from compress.merge import encoding_neighbours
 from compress.prune import query_index
 
 from .overlay import DEFAULT_DISPLAY, cluster_overlay, heatmap_grid, heatmap_overlay, latent_overlay
@@ -116,7 +116,7 @@ def merge_panel(enc: Encoding, method: str = "threshold", threshold: float = 0.9
     overlay = cluster_overlay(enc.image, enc.grid, comp.labels(), fill=fill, display=display)
     figure = None
     if with_figure:
-        _, sims = neighbour_similarity(enc.tokens, enc.grid, connectivity)
+        _, sims = encoding_neighbours(enc, connectivity)
         ts, left = threshold_curve(enc, connectivity)
         figure = similarity_plot(sims, threshold, ts, left, comp.num_out)
     t2 = time.perf_counter()
