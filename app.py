@@ -37,6 +37,7 @@ from tabs import (  # noqa: E402
     more,
     prune,
     resampler,
+    skips,
     source,
 )
 from tabs.common import Session, Wiring  # noqa: E402
@@ -76,7 +77,7 @@ JS = """() => {
 
 
 def build() -> gr.Blocks:
-    with gr.Blocks(title="Token Compression Explorer", analytics_enabled=False, fill_width=True,
+    with skips.Blocks(title="Token Compression Explorer", analytics_enabled=False, fill_width=True,
                    delete_cache=(300, 900)) as demo:
         w = Wiring(gr.State(Session, time_to_live=1800))
         gr.Markdown("# Token Compression Explorer\nSee what visual-token compression does to an "

@@ -66,6 +66,7 @@ class Session:
         self.dataset = None  # the Dataset tab's opened results (a DataFrame)
         self.worst: list[str] = []  # the image paths its worst-images gallery shows, in order
         self.moves: dict = {}  # tab id -> its drags' and releases' order (tabs/gesture.py)
+        self.controls: dict[int, dict] = {}  # control id -> the range last sent to the page
         self.lock = threading.Lock()
 
     def __deepcopy__(self, memo):

@@ -141,12 +141,36 @@ def _split(tabs: list[Tab], values) -> list[list]:
     return out
 
 
-def _fitted(enc, tabs: list[Tab], values) -> list:
+def _fitted(enc, tabs: list[Tab], values, session: Session | None = None) -> list:
+    """Each tab's ``fit`` updates for its range-dependent controls; with ``session``, those that
+    would change nothing on the page are skipped (``_needed``)."""
     out = []
     for tab, vals in zip(tabs, _split(tabs, values), strict=True):
-        if tab.fit is not None:
-            out += tab.fit(enc, *vals)
+        if tab.fit is None:
+            continue
+        updates = tab.fit(enc, *vals)
+        if session is None:
+            out += updates
+            continue
+        for comp, update in zip(tab.fitted, updates, strict=True):
+            out.append(_needed(session, comp, update, vals[tab.inputs.index(comp)]))
     return out
+
+
+def _needed(session: Session, comp, update: dict, current):
+    """``update`` for control ``comp``, or ``gr.skip()`` when the page already shows it: its
+    range (maximum, choices...) as this session was last sent (or as the control was built)
+    and its value ``current``. Each update Gradio applies rebuilds the control's config on
+    the server's event loop (~2 ms each, eleven per upload); a class uploading pictures of the
+    same size needs none of them."""
+    props = {k: v for k, v in update.items() if k not in ("__type__", "value")}
+    shown = session.controls.get(comp._id)
+    if shown is None:  # the page's control as built
+        shown = {k: getattr(comp, k, None) for k in props}
+    if props == shown and ("value" not in update or update["value"] == current):
+        return gr.skip()
+    session.controls[comp._id] = props
+    return update
 
 
 def _skips(n: int) -> list:
@@ -187,8 +211,9 @@ def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks, box: gr.Tabs)
                     gr.skip(), *_skips(len(fitted))]
         enc = session.enc
         return [session, status_md(enc, encoder, cached), gr.skip(),
-                gr.update(maximum=encoder.depth, value=min(int(layer), encoder.depth)),
-                *_fitted(enc, tabs, values)]
+                _needed(session, src.layer, gr.update(maximum=encoder.depth,
+                                                      value=min(int(layer), encoder.depth)), layer),
+                *_fitted(enc, tabs, values, session)]
 
     def draw_tab(session, tab: Tab, values) -> list:
         version = session.version
