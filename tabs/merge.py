@@ -29,6 +29,8 @@ def render(session, method: str, threshold: float, target: int, fill: str, with_
     p = merge_panel(enc, method, float(threshold), int(target), fill, with_figure=with_figure,
                     numbers=numbers)
     session.panels[ID] = p
+    if numbers:  # a full draw (a drag's may not have reached the page when its release is sent)
+        session.last_args[ID] = {"threshold": float(threshold), "tome": int(target)}
     out = [p.overlay, stats_md(p)]
     return out + [p.figure] if with_figure else out
 
@@ -62,8 +64,14 @@ def build(w: Wiring) -> Tab:
     full = live + [plot] + details.outputs
 
     def by(chosen: str, with_details: bool):
-        # the slider a user touches picks the method it belongs to
+        # the slider a user moves picks the method it belongs to
         def fn(session, _method, threshold, target, fill):
+            value = float(threshold) if chosen == "threshold" else int(target)
+            if (with_details and _method != chosen and session is not None
+                    and session.last_args.get(ID, {}).get(chosen) == value):
+                # released where it was: only its number box was clicked into and left (Gradio
+                # sends "release" then too); the other method's picture stays
+                return [gr.skip()] * (1 + len(live) + len(details.outputs))
             out = render(session, chosen, threshold, target, fill, with_figure=False,
                          numbers=with_details)
             return [gr.skip() if _method == chosen else chosen, *out,

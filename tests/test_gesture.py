@@ -157,3 +157,31 @@ def test_a_drag_that_waited_for_an_encode_is_still_older_than_the_release_after_
     r.join(5)
     assert is_skip(got["drag"])
     assert s.panels["t"] == ("full", (0.7, "mean"))
+
+
+def test_leaving_the_tome_box_unchanged_keeps_threshold_merging(coffee_enc):
+    """Gradio sends a slider's "release" when its number box loses focus, changed or not:
+    clicking into the ToMe target's box and out again must not switch merging to ToMe."""
+    import app
+
+    demo = app.build()
+    ids = {b.elem_id: i for i, b in demo.blocks.items() if getattr(b, "elem_id", None)}
+    release = next(f for f in demo.fns.values() for t in f.targets
+                   if t == (ids["merge-target"], "release") and isinstance(f.inputs[0], gr.State))
+    s = Session()
+    s.show(coffee_enc)
+    values = [c.value for c in release.inputs[1:]]  # method, threshold, target, fill as built
+    assert values[0] == "threshold"
+    from tabs import merge
+
+    merge.render(s, *values, with_figure=False)  # the tab as first drawn
+    out = release.fn(s, *values)
+    assert all(o == gr.skip() for o in out)  # nothing switched, nothing redrawn
+    moved = [values[0], values[1], values[2] + 10, values[3]]
+    out = release.fn(s, *moved)
+    assert out[0] == "tome" and out[1] != gr.skip()  # a new target: ToMe, drawn
+    # a drag to 200 whose picture (and method) had not reached the page when its release was
+    # sent: the release still draws, with fidelity
+    merge.render(s, "threshold", values[1], 200, values[3], with_figure=False, numbers=False)
+    out = release.fn(s, "threshold", values[1], 200, values[3])
+    assert out[0] == "tome" and "fidelity" in out[2]
