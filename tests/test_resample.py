@@ -84,6 +84,33 @@ def test_kmeans_partitions_and_handles_more_clusters_than_points():
     assert many.shape == (9, 3)
 
 
+@pytest.mark.parametrize("k", [1, 4, 16, 64, 128, 400, 576])
+def test_kmeans_from_the_products_is_lloyds_kmeans(coffee_enc, k):
+    """The resampler's k-means reads the tokens' products (``gram``): the same clusters and
+    centroids as the plain iterations, on real tokens."""
+    x = F.layer_norm(coffee_enc.tokens, (coffee_enc.dim,))
+    plain, plain_labels = kmeans(x, k, seed=3)
+    fast, fast_labels = kmeans(x, k, seed=3, gram=x @ x.T)
+    assert torch.equal(fast_labels, plain_labels)
+    assert torch.allclose(fast, plain, atol=1e-5)
+
+
+@pytest.mark.parametrize("iters", [0, 1, 2, 15])
+def test_kmeans_from_the_products_reseeds_emptied_clusters_as_lloyds(iters):
+    # three points, twelve exact copies each, and one between: seeds on copies of one point
+    # leave clusters empty. Small integers: every product and distance is exact in both ways
+    x = torch.tensor([[0.0, 0.0], [4.0, 0.0], [0.0, 8.0]]).repeat_interleave(12, dim=0)
+    x = torch.cat([x, torch.tensor([[1.0, 2.0]])])
+    emptied = 0
+    for seed in range(8):
+        plain, plain_labels = kmeans(x, 6, iters=iters, seed=seed)
+        fast, fast_labels = kmeans(x, 6, iters=iters, seed=seed, gram=x @ x.T)
+        assert torch.equal(fast_labels, plain_labels), seed
+        assert torch.allclose(fast, plain, atol=1e-6), seed
+        emptied += int(torch.bincount(plain_labels, minlength=6).eq(0).any())
+    assert iters == 0 or emptied  # the case is exercised
+
+
 def test_more_latents_than_patches(coffee_enc):
     out = resample(coffee_enc, coffee_enc.num_patches + 40, depth=1, init="kmeans")
     assert out.num_out == coffee_enc.num_patches + 40
