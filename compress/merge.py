@@ -179,52 +179,42 @@ def bipartite_round(
     Returns the new (metric [T - r, D], members [T - r, N]), ordered as ToMe
     orders them: the unmerged A tokens, then all B tokens.
     """
-    t = metric.shape[0]
-    r = min(r, t // 2)
-    if r <= 0:
+    metric, _, moved = _merge_step(metric, members.sum(dim=1), r)
+    if moved is None:
         return metric, members
-    unit = F.normalize(metric.float(), dim=-1)
-    src_idx, unm_idx, dst_idx = bipartite_match(unit[0::2], unit[1::2], r)
-
-    size = members.sum(dim=1, keepdim=True)
-    weighted = metric.float() * size  # size-weighted sums merge by addition
-    a_w, b_w = weighted[0::2], weighted[1::2]
-    a_m, b_m = members[0::2], members[1::2]
-    b_w = b_w.index_add(0, dst_idx, a_w[src_idx])
-    b_m = b_m.index_add(0, dst_idx, a_m[src_idx])
-    new_members = torch.cat([a_m[unm_idx], b_m])
-    new_weighted = torch.cat([a_w[unm_idx], b_w])
-    new_metric = new_weighted / new_members.sum(dim=1, keepdim=True)
-    return new_metric, new_members
+    new_members = torch.zeros(metric.shape[0], members.shape[1], dtype=members.dtype,
+                              device=members.device).index_add_(0, moved, members)
+    return metric, new_members
 
 
-def _labelled_round(metric: torch.Tensor, size: torch.Tensor, holder: torch.Tensor,
-                    r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """``bipartite_round`` with membership as ``holder`` [N] (the token holding each patch) and
-    ``size`` [T] (patches per token): the same split, matching, size-weighted sums and order.
-    Returns the new (metric [T - r, D], size [T - r], holder [N])."""
+def _merge_step(metric: torch.Tensor, size: torch.Tensor, r: int
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The round of ``bipartite_round`` on features and sizes [T] alone. Returns the new
+    (metric [T - r, D], size [T - r], moved [T]: the new position of every old token, for a
+    merged A token the position of the B token it went into); ``moved`` is None when nothing
+    merges."""
     t = metric.shape[0]
     r = min(r, t // 2)
     if r <= 0:
-        return metric, size, holder
+        return metric, size, None
     unit = F.normalize(metric.float(), dim=-1)
     src_idx, unm_idx, dst_idx = bipartite_match(unit[0::2], unit[1::2], r)
-    weighted = metric.float() * size[:, None]
+    weighted = metric.float() * size[:, None]  # size-weighted sums merge by addition
     a_w, b_w = weighted[0::2], weighted[1::2]
     a_s, b_s = size[0::2], size[1::2]
     b_w = b_w.index_add(0, dst_idx, a_w[src_idx])
     b_s = b_s.index_add(0, dst_idx, a_s[src_idx])
     new_size = torch.cat([a_s[unm_idx], b_s])
     new_metric = torch.cat([a_w[unm_idx], b_w]) / new_size[:, None]
-    # where each old token went: unmerged A tokens first, then the B tokens (merged A into theirs)
+    # ToMe's order: the unmerged A tokens, then every B token (holding the A tokens merged into it)
     u = unm_idx.shape[0]
-    moved = torch.empty(t, dtype=holder.dtype, device=holder.device)
-    moved[1::2] = torch.arange(u, u + b_s.shape[0], device=holder.device)
-    a_to = torch.empty(a_s.shape[0], dtype=holder.dtype, device=holder.device)
-    a_to[unm_idx] = torch.arange(u, device=holder.device)
+    moved = torch.empty(t, dtype=torch.long, device=metric.device)
+    moved[1::2] = torch.arange(u, u + b_s.shape[0], device=metric.device)
+    a_to = torch.empty(a_s.shape[0], dtype=torch.long, device=metric.device)
+    a_to[unm_idx] = torch.arange(u, device=metric.device)
     a_to[src_idx] = u + dst_idx
     moved[0::2] = a_to
-    return new_metric, new_size, moved[holder]
+    return new_metric, new_size, moved
 
 
 def merge_bipartite(
@@ -259,8 +249,13 @@ def merge_bipartite(
     # token: the rounds of ``bipartite_round`` without its [T, N] membership matrix.
     holder = torch.arange(n, device=feats.device)
     size = torch.ones(n, device=feats.device)
+
+    def merge_round(feats, size, holder, r):
+        feats, size, moved = _merge_step(feats, size, r)
+        return feats, size, (holder if moved is None else moved[holder])
+
     if target is None:
-        feats, size, holder = _labelled_round(feats, size, holder, r)
+        feats, size, holder = merge_round(feats, size, holder, r)
         rounds = 1
     else:
         rounds = 0
@@ -269,7 +264,7 @@ def merge_bipartite(
             step = min(t // 2, t - target, r if r else math.inf)
             if step <= 0:
                 break
-            feats, size, holder = _labelled_round(feats, size, holder, int(step))
+            feats, size, holder = merge_round(feats, size, holder, int(step))
             rounds += 1
     m = size.shape[0]
     first = torch.full((m,), n, device=holder.device).scatter_reduce(
@@ -330,10 +325,8 @@ def pool(enc: Encoding, kernel) -> Compression:
     labels = (rows[:, None] * pw + cols[None, :]).flatten()  # window of each patch, [N]
     num_out = ph * pw
     assign = _hard_assign(labels, num_out)
-    counts = torch.bincount(labels, minlength=num_out).float()
-    sums = torch.zeros(num_out, enc.dim, device=device).index_add_(0, labels, enc.tokens.float())
     return Compression(
-        tokens=(sums / counts[:, None]).to(enc.tokens.dtype),
+        tokens=_member_means(labels, num_out, enc.tokens),
         assign=assign,
         strategy="pool",
         params={"kernel": (kh, kw)},

@@ -30,7 +30,7 @@ def render(session, method: str, threshold: float, target: int, fill: str, with_
                     numbers=numbers)
     session.panels[ID] = p
     if numbers:  # a full draw (a drag's may not have reached the page when its release is sent)
-        session.last_args[ID] = {"threshold": float(threshold), "tome": int(target)}
+        session.last_args[ID] = (method, float(threshold), int(target), fill)
     out = [p.overlay, stats_md(p)]
     return out + [p.figure] if with_figure else out
 
@@ -66,9 +66,9 @@ def build(w: Wiring) -> Tab:
     def by(chosen: str, with_details: bool):
         # the slider a user moves picks the method it belongs to
         def fn(session, _method, threshold, target, fill):
-            value = float(threshold) if chosen == "threshold" else int(target)
-            if (with_details and _method != chosen and session is not None
-                    and session.last_args.get(ID, {}).get(chosen) == value):
+            at, value = (1, float(threshold)) if chosen == "threshold" else (2, int(target))
+            last = session.last_args.get(ID) if session is not None else None
+            if with_details and _method != chosen and last is not None and last[at] == value:
                 # released where it was: only its number box was clicked into and left (Gradio
                 # sends "release" then too); the other method's picture stays
                 return [gr.skip()] * (1 + len(live) + len(details.outputs))
