@@ -24,7 +24,7 @@ import threading  # noqa: E402
 import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
-from compress import BUNDLED_NAME  # noqa: E402
+from compress import BUNDLED_NAME, Encoder  # noqa: E402
 from compress.cache import set_precision, shared_encoder  # noqa: E402
 from compress.select import compile_kernels  # noqa: E402
 from tabs import (  # noqa: E402
@@ -35,6 +35,7 @@ from tabs import (  # noqa: E402
     inside,
     merge,
     more,
+    priority,
     prune,
     resampler,
     skips,
@@ -117,8 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TCE_THREADS", "1")),
                     help="torch threads per request (env TCE_THREADS, default 1): requests run side "
                          "by side, and on a small CPU shared with the browser or other users one "
-                         "thread each is several times faster than contended thread pools; 2+ "
-                         "speeds up a lone user's encode on an idle machine")
+                         "thread each is several times faster than contended thread pools; a "
+                         "request alone on the server encodes on every core (TCE_LONE_THREADS)")
     ap.add_argument("--dataset-root", action="append", default=None,
                     help="a folder whose images a sweep's results file may show in the Dataset tab "
                          "(repeatable; default: the folder the app is started in)")
@@ -127,6 +128,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads < 1:
         ap.error("--threads must be at least 1")
     torch.set_num_threads(args.threads)  # before any worker thread starts: they inherit it
+    # ... and a lone request's encode and saliency head take every core (tabs/priority.py)
+    priority.configure(args.threads)
+    Encoder.thread_policy = priority.step_threads
     # Python hands its lock (GIL) between threads every 5 ms by default: an encode or a slider
     # whose torch op has finished then waits up to 5 ms to go on while the event loop or a
     # drawing holds it, on every op. 0.5 ms: under 16 sessions on 2 cores the median upload ->

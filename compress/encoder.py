@@ -291,7 +291,14 @@ class Encoder:
     recomputed in float32 from the captured block input. On a CPU without
     native bf16 (``cpu_bf16_native()``) bf16 would be ~5x slower, so the
     encoder runs float32 instead and ``notice`` says so. Default: float32.
+
+    ``Encoder.thread_policy`` (class-wide, default None): a function called on
+    the CPU before each block that returns the torch thread count for that
+    block (None: leave it); the count in force before the encode is restored
+    after it. The app gives a lone request all the cores this way.
     """
+
+    thread_policy: Callable[[], int | None] | None = None
 
     def __init__(self, model: str = BUNDLED_NAME, device: str | torch.device = "auto",
                  weights: str = "pretrained", precision: str = "fp32"):
@@ -424,16 +431,22 @@ class Encoder:
         else:  # float32: the block's own qkv projection output is exactly what we need
             hook = block.attn.qkv.register_forward_hook(lambda _m, _args, out: mine("qkv", out))
         fast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+        policy = Encoder.thread_policy if device.type == "cpu" else None
+        threads = torch.get_num_threads()
         try:
             with fast:
                 x = self.embed(pixels, net)
                 tokens = None
                 for i, blk in enumerate(net.blocks[: max(index, attn_index) + 1]):
+                    if policy is not None and (n := policy()) and n != torch.get_num_threads():
+                        torch.set_num_threads(n)
                     x = blk(x)
                     if i == index:
                         tokens = net.norm(x) if index == self.depth - 1 else x
         finally:
             hook.remove()
+            if torch.get_num_threads() != threads:
+                torch.set_num_threads(threads)
         x = tokens
         attn = block.attn
         if "qkv" in captured:

@@ -26,7 +26,7 @@ from compress.cache import EncodingCache
 from viz.panels import Panel, complete, downstream_view, export_json, inspector_view
 
 from .gesture import Gesture, slider_of
-from .priority import yielding
+from .priority import counted, lone_cores, yielding
 
 LOG = logging.getLogger("tce.app")
 OVERLAY_H = 560
@@ -168,6 +168,7 @@ class Wiring:
     def on(self, trigger, fn, inputs, outputs, name: str | None = None, **kw):
         if LIVE.items() <= kw.items() and not getattr(fn, "gives_way", False):  # interactive:
             fn = yielding(fn)  # it gives way to running encodes (tabs/priority.py)
+        fn = counted(fn)  # in flight: a lone request's heavy steps may take every core
         if name and name not in self._named:
             self._named.add(name)
             return trigger(fn, inputs, outputs, api_name=name, **kw)
@@ -285,7 +286,8 @@ class Details:
         p = None if session is None else session.panels.get(self.tab)
         if p is None or session.enc is None:
             return ["", gr.update(value=None)]
-        v = downstream_view(session.enc, p.comp)
+        with lone_cores():  # the head's forward: every core when no one else is waiting
+            v = downstream_view(session.enc, p.comp)
         if v["agreement"] is None:
             return [f"task agreement: **n/a** - {v['reason']}", gr.update(value=None)]
         a = v["agreement"]

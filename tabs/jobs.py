@@ -16,6 +16,8 @@ import time
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass, field
 
+from . import priority
+
 LOG = logging.getLogger("tce.jobs")
 NICE = 10  # added to the worker's niceness: below the request threads
 
@@ -79,6 +81,7 @@ class Jobs:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), NICE)
         except (AttributeError, OSError):
             pass
+        priority.own_threads()
         while True:
             job = self._queue.get()
             job.started_at = time.monotonic()

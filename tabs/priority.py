@@ -10,6 +10,15 @@ Measured with ``bench/load_test.py --sessions 16``: the median upload -> first
 overlay went from 6.5-7.3 s (no waiting) to 5.5-7.3 s (1 s) and 5.1 s (3 s),
 with the slider medians and p95s within the machine's run-to-run spread; 5 s
 gave 4.9 s, as 3 s did in the run beside it.
+
+Both cores for a lone request: each request runs on ``--threads`` torch
+threads (one by default: on a busy small CPU several one-thread requests side
+by side beat contended thread pools), but a teacher alone on the machine
+would leave the second core idle while waiting for an encode. So the heavy
+steps (an encode, block by block; the saliency head's forward) take
+``LONE_THREADS`` (all the cores; env ``TCE_LONE_THREADS``) while theirs is
+the only request in flight, and go back to ``--threads`` at the next block
+once another request arrives.
 """
 
 from __future__ import annotations
@@ -20,10 +29,15 @@ import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
+
 WAIT_S = float(os.environ.get("TCE_GIVE_WAY_S", "3"))  # the most a slider update waits for encodes
+LONE_THREADS = int(os.environ.get("TCE_LONE_THREADS", str(len(os.sched_getaffinity(0)))))
 
 _cond = threading.Condition()
-_running = 0
+_running = 0  # encodes running
+_active = 0  # requests in flight (every handler wired by ``Wiring.on`` counts itself)
+_base: int | None = None  # torch threads per request (``--threads``); None: no policy (library use)
 
 
 @contextmanager
@@ -49,6 +63,68 @@ def give_way(limit: float = WAIT_S) -> bool:
     """Wait until no encode runs, or ``limit`` seconds; True when none was running at the end."""
     with _cond:
         return _cond.wait_for(lambda: _running == 0, timeout=limit)
+
+
+def configure(threads: int) -> None:
+    """The app's ``--threads``: what each request uses, and what a lone heavy step returns to."""
+    global _base
+    _base = int(threads)
+
+
+@contextmanager
+def request() -> Iterator[None]:
+    """Count a request as in flight for as long as the block lasts."""
+    global _active
+    with _cond:
+        _active += 1
+    try:
+        yield
+    finally:
+        with _cond:
+            _active -= 1
+
+
+def counted(fn: Callable) -> Callable:
+    """``fn``, counted as a request in flight while it runs, on ``--threads`` torch threads (a
+    worker thread started while a lone step had raised torch's count would inherit that)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        own_threads()
+        with request():
+            return fn(*args, **kwargs)
+    return wrapper
+
+
+def own_threads() -> None:
+    """Put the calling thread on ``--threads`` torch threads. Torch's count is per thread, but a
+    thread takes the last count set anywhere at its first torch call: one whose first call
+    fell inside another's lone step would keep that step's count."""
+    if _base is not None and torch.get_num_threads() != _base:
+        torch.set_num_threads(_base)
+
+
+def step_threads() -> int | None:
+    """Torch threads for the calling request's next heavy step: ``LONE_THREADS`` while it is the
+    only request in flight (and at most one encode runs), else ``--threads``; None when the app
+    has not configured a thread count (library use: leave torch as it is)."""
+    if _base is None:
+        return None
+    return max(_base, LONE_THREADS) if _active <= 1 and _running <= 1 else _base
+
+
+@contextmanager
+def lone_cores() -> Iterator[None]:
+    """Within the block the calling thread uses ``step_threads()`` torch threads (decided on
+    entry), then ``--threads`` again. Torch's count is per thread: other requests keep theirs."""
+    n = step_threads()
+    if n is None or n == _base:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(_base)
 
 
 def yielding(fn: Callable) -> Callable:

@@ -372,3 +372,36 @@ def test_requests_at_the_same_time_get_their_own_attention(encoder):
             assert torch.allclose(enc.q, ref.q, atol=1e-5)
             assert torch.allclose(enc.k, ref.k, atol=1e-5)
             assert torch.allclose(enc.cls_attn, ref.cls_attn, atol=1e-6)
+
+
+def test_thread_policy_is_asked_before_every_block_and_undone_after(encoder, monkeypatch):
+    """The app's lone request takes every core block by block (tabs/priority.py): the policy is
+    asked before each block, its counts take effect, the caller's count is back afterwards, and
+    the tokens are the model's whatever the count."""
+    image = Image.open(ASSETS / "coffee.jpg")
+    plain = encoder.encode(image, size=224)
+    asked, used = [], []
+
+    def policy():
+        asked.append(len(asked))
+        return 2 if len(asked) % 2 else 1
+
+    original = encoder.net.blocks[0].forward
+
+    def spy(x, *args, **kwargs):
+        used.append(torch.get_num_threads())
+        return original(x, *args, **kwargs)
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        monkeypatch.setattr(Encoder, "thread_policy", staticmethod(policy))
+        monkeypatch.setattr(encoder.net.blocks[0], "forward", spy)
+        enc = encoder.encode(image, size=224)
+        assert torch.get_num_threads() == 1  # restored
+    finally:
+        torch.set_num_threads(before)
+    assert len(asked) == encoder.depth  # once per block
+    assert used == [2]  # block 0 ran on the policy's count
+    assert torch.allclose(enc.tokens, plain.tokens, atol=1e-4)
+    assert torch.allclose(enc.cls_attn, plain.cls_attn, atol=1e-6)

@@ -5,6 +5,9 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
+import torch
+
 from tabs import priority
 from tabs.common import LIVE, QUIET, Wiring
 
@@ -84,6 +87,100 @@ def test_only_interactive_updates_are_wired_to_give_way():
     wiring._named = set()
     wiring.on(trigger, handler, [], [], **LIVE)
     wiring.on(trigger, handler, [], [], **QUIET)
-    assert seen["quiet"] is handler  # e.g. the first picture after an upload: never held back
-    assert seen["always_last"] is not handler and seen["always_last"]() == "drawn"
-    assert seen["always_last"].__wrapped__ is handler
+    started, release = threading.Event(), threading.Event()
+
+    def encode():
+        with priority.encoding():
+            started.set()
+            release.wait(5)
+
+    worker = threading.Thread(target=encode)
+    worker.start()
+    started.wait(5)
+    try:
+        # e.g. the first picture after an upload: never held back by a running encode
+        start = time.monotonic()
+        assert seen["quiet"]() == "drawn" and time.monotonic() - start < 1.0
+        answers = []
+        live = threading.Thread(target=lambda: answers.append(seen["always_last"]()))
+        live.start()
+        live.join(0.2)
+        assert live.is_alive() and answers == []  # a slider update gives way
+    finally:
+        release.set()
+    live.join(5)
+    worker.join(5)
+    assert answers == ["drawn"]
+
+
+# --- both cores for a lone request ------------------------------------------------------------
+
+
+@pytest.fixture
+def configured(monkeypatch):
+    """The app's thread policy: one torch thread per request, two for a lone heavy step."""
+    monkeypatch.setattr(priority, "_base", 1)
+    monkeypatch.setattr(priority, "LONE_THREADS", 2)
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def test_without_the_app_there_is_no_policy():
+    assert priority._base is None  # the library and other tests are left as they are
+    assert priority.step_threads() is None
+    before = torch.get_num_threads()
+    with priority.lone_cores():
+        assert torch.get_num_threads() == before
+
+
+def test_a_lone_request_gets_every_core_and_shares_once_another_arrives(configured):
+    seen = {}
+    inside, release = threading.Event(), threading.Event()
+
+    @priority.counted
+    def heavy(key):
+        seen[key] = priority.step_threads()
+
+    @priority.counted
+    def other():
+        inside.set()
+        release.wait(5)
+
+    heavy("alone")
+    waiting = threading.Thread(target=other)
+    waiting.start()
+    inside.wait(5)
+    heavy("beside another request")
+    release.set()
+    waiting.join(5)
+    with priority.encoding(), priority.encoding():
+        heavy("two encodes")
+    heavy("alone again")
+    assert seen == {"alone": 2, "beside another request": 1, "two encodes": 1, "alone again": 2}
+
+
+def test_lone_cores_changes_only_the_calling_thread_and_restores_it(configured):
+    other_count, ready, checked = [], threading.Event(), threading.Event()
+
+    def bystander():  # a worker thread that has already run torch on its one thread
+        priority.own_threads()
+        ready.set()
+        checked.wait(5)
+        other_count.append(torch.get_num_threads())
+
+    t = threading.Thread(target=bystander)
+    t.start()
+    ready.wait(5)
+    with priority.lone_cores():
+        assert torch.get_num_threads() == 2
+        checked.set()
+        t.join(5)
+    assert other_count == [1]
+    assert torch.get_num_threads() == 1
+
+
+def test_a_request_starts_on_the_configured_threads(configured):
+    torch.set_num_threads(2)  # e.g. a worker thread born while a lone step had raised the count
+    assert priority.counted(torch.get_num_threads)() == 1
