@@ -23,10 +23,11 @@ once another request arrives.
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Hashable, Iterator
 from contextlib import contextmanager
 
 import torch
@@ -36,7 +37,9 @@ LONE_THREADS = int(os.environ.get("TCE_LONE_THREADS", str(len(os.sched_getaffini
 
 _cond = threading.Condition()
 _running = 0  # encodes running
-_active = 0  # requests in flight (every handler wired by ``Wiring.on`` counts itself)
+_active: collections.Counter = collections.Counter()  # requests in flight, by session
+_local = threading.local()  # the session whose request this thread runs
+_NOBODY = object()
 _base: int | None = None  # torch threads per request (``--threads``); None: no policy (library use)
 
 
@@ -72,25 +75,34 @@ def configure(threads: int) -> None:
 
 
 @contextmanager
-def request() -> Iterator[None]:
-    """Count a request as in flight for as long as the block lasts."""
-    global _active
+def request(owner: Hashable) -> Iterator[None]:
+    """Count a request of ``owner`` (a session) as in flight for as long as the block lasts."""
+    mine = _local.__dict__.get("owner", _NOBODY)
+    _local.owner = owner
     with _cond:
-        _active += 1
+        _active[owner] += 1
     try:
         yield
     finally:
         with _cond:
-            _active -= 1
+            _active[owner] -= 1
+            if not _active[owner]:
+                del _active[owner]
+        if mine is _NOBODY:
+            del _local.owner
+        else:
+            _local.owner = mine
 
 
 def counted(fn: Callable) -> Callable:
-    """``fn``, counted as a request in flight while it runs, on ``--threads`` torch threads (a
-    worker thread started while a lone step had raised torch's count would inherit that)."""
+    """``fn``, counted as a request of its session (the first argument of every handler the app
+    wires) while it runs, on ``--threads`` torch threads (a worker thread started while a lone
+    step had raised torch's count would inherit that)."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         own_threads()
-        with request():
+        # no session yet (a page's first request): alone only if nothing else is in flight
+        with request(id(args[0]) if args and args[0] is not None else object()):
             return fn(*args, **kwargs)
     return wrapper
 
@@ -104,12 +116,17 @@ def own_threads() -> None:
 
 
 def step_threads() -> int | None:
-    """Torch threads for the calling request's next heavy step: ``LONE_THREADS`` while it is the
-    only request in flight (and at most one encode runs), else ``--threads``; None when the app
-    has not configured a thread count (library use: leave torch as it is)."""
+    """Torch threads for the calling request's next heavy step: ``LONE_THREADS`` while every
+    request in flight is its own session's (a person alone on the server: e.g. the drag update
+    that a release follows may still be finishing) and at most one encode runs; else
+    ``--threads``. None when the app has not configured a thread count (library use: leave
+    torch as it is)."""
     if _base is None:
         return None
-    return max(_base, LONE_THREADS) if _active <= 1 and _running <= 1 else _base
+    owner = _local.__dict__.get("owner", _NOBODY)
+    with _cond:
+        alone = owner is not _NOBODY and set(_active) <= {owner} and _running <= 1
+    return max(_base, LONE_THREADS) if alone else _base
 
 
 @contextmanager

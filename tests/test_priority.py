@@ -138,27 +138,39 @@ def test_without_the_app_there_is_no_policy():
 def test_a_lone_request_gets_every_core_and_shares_once_another_arrives(configured):
     seen = {}
     inside, release = threading.Event(), threading.Event()
+    me, someone_else = object(), object()  # two sessions
 
     @priority.counted
-    def heavy(key):
+    def heavy(session, key):
         seen[key] = priority.step_threads()
 
     @priority.counted
-    def other():
+    def other(session):
         inside.set()
         release.wait(5)
 
-    heavy("alone")
-    waiting = threading.Thread(target=other)
-    waiting.start()
-    inside.wait(5)
-    heavy("beside another request")
-    release.set()
-    waiting.join(5)
+    def beside(session, key):
+        inside.clear()
+        release.clear()
+        waiting = threading.Thread(target=other, args=(session,))
+        waiting.start()
+        inside.wait(5)
+        heavy(me, key)
+        release.set()
+        waiting.join(5)
+
+    heavy(me, "alone")
+    beside(me, "beside my own drag update")  # e.g. a release whose drag update is finishing
+    beside(someone_else, "beside another session's request")
+    beside(None, "beside a page's first request")
     with priority.encoding(), priority.encoding():
-        heavy("two encodes")
-    heavy("alone again")
-    assert seen == {"alone": 2, "beside another request": 1, "two encodes": 1, "alone again": 2}
+        heavy(me, "two encodes")
+    heavy(me, "alone again")
+    heavy(None, "a first request alone")
+    assert seen == {"alone": 2, "beside my own drag update": 2,
+                    "beside another session's request": 1, "beside a page's first request": 1,
+                    "two encodes": 1, "alone again": 2, "a first request alone": 2}
+    assert not priority._active  # every request counted out
 
 
 def test_lone_cores_changes_only_the_calling_thread_and_restores_it(configured):
@@ -173,7 +185,7 @@ def test_lone_cores_changes_only_the_calling_thread_and_restores_it(configured):
     t = threading.Thread(target=bystander)
     t.start()
     ready.wait(5)
-    with priority.lone_cores():
+    with priority.request(object()), priority.lone_cores():  # a request alone
         assert torch.get_num_threads() == 2
         checked.set()
         t.join(5)
