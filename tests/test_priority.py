@@ -46,9 +46,9 @@ def test_a_live_update_waits_for_the_running_encode():
     assert priority.encodes_running() == 0
 
 
-def test_the_wait_is_bounded():
-    release = threading.Event()
-    started = threading.Event()
+def running_encode() -> tuple[threading.Thread, threading.Event]:
+    """An encode that has started and runs until the returned event is set."""
+    started, release = threading.Event(), threading.Event()
 
     def encode():
         with priority.encoding():
@@ -58,6 +58,11 @@ def test_the_wait_is_bounded():
     worker = threading.Thread(target=encode)
     worker.start()
     started.wait(5)
+    return worker, release
+
+
+def test_the_wait_is_bounded():
+    worker, release = running_encode()
     start = time.monotonic()
     assert not priority.give_way(0.1)  # gave up: the encode still runs
     assert 0.09 <= time.monotonic() - start < 2.0
@@ -87,16 +92,7 @@ def test_only_interactive_updates_are_wired_to_give_way():
     wiring._named = set()
     wiring.on(trigger, handler, [], [], **LIVE)
     wiring.on(trigger, handler, [], [], **QUIET)
-    started, release = threading.Event(), threading.Event()
-
-    def encode():
-        with priority.encoding():
-            started.set()
-            release.wait(5)
-
-    worker = threading.Thread(target=encode)
-    worker.start()
-    started.wait(5)
+    worker, release = running_encode()
     try:
         # e.g. the first picture after an upload: never held back by a running encode
         start = time.monotonic()
