@@ -62,6 +62,8 @@ class InsideResult:
     ``merge_ms`` the matching + merging (or scoring + pruning) within it
     (``None`` on a GPU unless ``profile=True``). ``flops``/``plain_flops``:
     see ``forward_flops``. ``scores``: block -> [T] scores used for pruning.
+    ``threads``: torch's thread count on the CPU when ``forward_ms`` was
+    measured (times at different counts do not compare).
     """
 
     tokens: torch.Tensor
@@ -81,6 +83,7 @@ class InsideResult:
     flops: float
     plain_flops: float
     scores: dict[int, torch.Tensor] = field(default_factory=dict)
+    threads: int = 1
 
     @property
     def num_patches(self) -> int:
@@ -392,6 +395,7 @@ def _run(encoder, image, size: int, keep_aspect: bool, step: Step | None, prop_a
         merge_ms=None if gpu and not profile else merge_s * 1e3,
         flops=forward_flops(net, counts, p),
         plain_flops=forward_flops(net, [n] * (len(net.blocks) + 1), p), scores=state.scores,
+        threads=torch.get_num_threads(),
     )
 
 

@@ -24,6 +24,7 @@ from viz.panels import compare_panel, seed_claims, task_column
 from .common import LIVE, NO_TARGETS, QUIET, Tab, Wiring, guarded, need
 from .gesture import Gesture
 from .jobs import JOBS
+from .priority import lone_cores
 from .source import LIMITS
 
 ID = "compare"
@@ -84,12 +85,13 @@ def slower(session, budget: int):
     comps = dict(p.extra["comps"])
     extra_note = ""
     inside = {}
-    try:
-        inside = inside_at_budget(shared_encoder(enc.model, LIMITS.device), enc, budget)
-    except ValueError as exc:
-        extra_note = f" · inside the network: n/a ({exc})"
-    comps.update({name: row["comp"] for name, row in inside.items()})
-    task, reason = task_column(enc, comps)
+    with lone_cores():  # forwards and the head: every core while no one else is waiting
+        try:
+            inside = inside_at_budget(shared_encoder(enc.model, LIMITS.device), enc, budget)
+        except ValueError as exc:
+            extra_note = f" · inside the network: n/a ({exc})"
+        comps.update({name: row["comp"] for name, row in inside.items()})
+        task, reason = task_column(enc, comps)
     rows = [_row(STRATEGIES[name].short, summary(enc, comp), task[name], NO_SPEEDUP)
             for name, comp in p.extra["comps"].items()]
     for name, row in inside.items():
@@ -101,8 +103,10 @@ def slower(session, budget: int):
             f"{p.extra['total_ms']:.0f} ms" + (f" · task CC n/a: {reason}" if reason else "")
             + extra_note)
     if inside:
-        plain = next(iter(inside.values()))["plain_ms"]
-        note += f" · inside rows: ms is the whole forward (the plain forward: {plain:.0f} ms)"
+        first = next(iter(inside.values()))
+        threads = f"{first['threads']} thread" + ("s" if first["threads"] != 1 else "")
+        note += (f" · inside rows: ms is the whole forward (the plain forward: "
+                 f"{first['plain_ms']:.0f} ms, {threads})")
     if session.panels[ID].stats["budget"] != budget:  # moved while these seconds ran: stale
         return [gr.skip()] * 3
     return [{"headers": COLUMNS, "data": rows}, note, claims_md(enc)]

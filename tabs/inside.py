@@ -10,6 +10,7 @@ from viz.inside import inside_panel
 
 from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need
 from .gesture import slider_of
+from .priority import lone_cores
 from .source import LIMITS
 
 ID = "inside"
@@ -25,6 +26,10 @@ on the same image: FLOPs, measured time, and what survives at the output (each p
 against the plain forward's, the CLS token, and the saliency head downstream)."""
 
 
+def _threads(n: int) -> str:
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
 def stats_md(p) -> str:
     s = p.stats
     r = p.comp.params
@@ -38,8 +43,8 @@ def stats_md(p) -> str:
                if s["discarded_share"] else "")
     return (f"### {s['N']} → {s['M']} tokens at the output ({what})\n"
             f"after block {s['block']}: {s['tokens_at_block']} tokens · FLOPs **{s['flops_ratio']:.0%}** "
-            f"of the plain forward · forward {s['forward_ms']:.0f} ms vs plain {s['plain_ms']:.0f} ms: "
-            f"**{s['speedup']:.2f}x**{merge}  \n"
+            f"of the plain forward · forward {s['forward_ms']:.0f} ms vs plain {s['plain_ms']:.0f} ms "
+            f"({_threads(s['threads'])}): **{s['speedup']:.2f}x**{merge}  \n"
             f"what survives: final patch tokens cos **{s['patch_cosine']:.4f}**{dropped}{cls}")
 
 
@@ -54,8 +59,10 @@ def render(session, method: str, r: int, keep: float, fuse: bool, blocks: list, 
         out = [None, f"### Inside the network runs all {encoder.depth} blocks\nSet *Block to read "
                      f"tokens from* to {encoder.depth} (this encoding reads block {enc.layer + 1})."]
         return out + [None] if with_figure else out
-    p = inside_panel(encoder, enc, method, int(r), float(keep), tuple(sorted(int(b) for b in blocks)),
-                     bool(fuse), int(block), with_figure=with_figure)
+    with lone_cores():  # the forwards: every core while no one else is waiting (timed alike)
+        p = inside_panel(encoder, enc, method, int(r), float(keep),
+                         tuple(sorted(int(b) for b in blocks)), bool(fuse), int(block),
+                         with_figure=with_figure)
     session.panels[ID] = p
     out = [p.overlay, stats_md(p)]
     return out + [p.figure] if with_figure else out

@@ -82,3 +82,28 @@ def test_inside_panel_draws_the_clusters_after_the_chosen_block(encoder, small_e
     with pytest.raises(ValueError, match="last block"):
         inside_panel(encoder, encoder.encode(Image.open("assets/coffee.jpg"), size=224, layer=5),
                      "tome", r=8)
+
+
+def test_a_speedup_compares_forwards_timed_on_the_same_thread_count(encoder):
+    """The app runs a lone user's forwards on every core and others' on one: a run's speed-up
+    uses the plain forward timed at the run's own count, whatever count draws it later."""
+    from viz.inside import inside_panel, plain_ms
+
+    enc = encoder.encode(Image.open("assets/chelsea.jpg"), size=224)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        run = inside_panel(encoder, enc, "tome", r=8)  # timed on 2 threads
+        assert run.stats["threads"] == run.extra["result"].threads == 2
+        assert set(enc.memo["inside_plain_ms"]) == {2}
+        torch.set_num_threads(1)
+        again = inside_panel(encoder, enc, "tome", r=8, block=3)  # redrawn on 1: not re-run
+        assert again.extra["result"] is run.extra["result"]
+        assert again.stats["threads"] == 2 and again.stats["plain_ms"] == run.stats["plain_ms"]
+        assert set(enc.memo["inside_plain_ms"]) == {2}  # no plain forward on 1 thread for it
+        one = plain_ms(encoder, enc)  # the caller's count: measured and kept apart
+        assert set(enc.memo["inside_plain_ms"]) == {1, 2} and one > 0
+        assert plain_ms(encoder, enc, 2) == run.stats["plain_ms"]  # kept, not re-measured
+        assert torch.get_num_threads() == 1  # a measurement on another count puts it back
+    finally:
+        torch.set_num_threads(before)

@@ -39,20 +39,30 @@ def _memo(enc: Encoding, key, make):
     return runs[key]
 
 
-def plain_ms(encoder, enc: Encoding) -> float:
-    """The plain forward's time on this encoding's image (median of 3, measured once, kept)."""
-    _warm_up(encoder, "tome")
+def plain_ms(encoder, enc: Encoding, threads: int | None = None) -> float:
+    """The plain forward's time on this encoding's image (median of 3) on ``threads`` torch
+    threads (default: the calling thread's count), measured once per count and kept: a run's
+    speed-up compares it with the plain forward at the count the run was timed at."""
+    import torch
 
-    def make():
+    _warm_up(encoder, "tome")
+    current = torch.get_num_threads()
+    threads = current if threads is None else int(threads)
+    kept = enc.memo.setdefault("inside_plain_ms", {})
+    if threads not in kept:
         times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            plain_forward(encoder, enc.image, enc.size, keep_aspect=True)
-            times.append((time.perf_counter() - t0) * 1e3)
-        return float(np.median(times))
-    if enc.memo.get("inside_plain_ms") is None:
-        enc.memo["inside_plain_ms"] = make()
-    return enc.memo["inside_plain_ms"]
+        if threads != current:
+            torch.set_num_threads(threads)
+        try:
+            for _ in range(3):
+                t0 = time.perf_counter()
+                plain_forward(encoder, enc.image, enc.size, keep_aspect=True)
+                times.append((time.perf_counter() - t0) * 1e3)
+        finally:
+            if threads != current:
+                torch.set_num_threads(current)
+        kept[threads] = float(np.median(times))
+    return kept[threads]
 
 
 _WARM: set = set()
@@ -127,13 +137,14 @@ def inside_panel(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: fl
     """One inside-the-network run drawn after block ``block`` (default: the last).
 
     ``stats``: N, M, tokens per block, FLOPs ratio, forward ms, the plain
-    forward's ms and the speedup (both timed in this process), merge ms, and
+    forward's ms and the speedup (both timed in this process, on the same
+    number of torch threads: ``threads``), merge ms, and
     the output agreement (final patch tokens read back through the covers
     against the plain forward's, CLS cosine).
     """
     t0 = time.perf_counter()
     result = inside_run(encoder, enc, method, r, keep_ratio, blocks, fuse)
-    plain = plain_ms(encoder, enc)
+    plain = plain_ms(encoder, enc, result.threads)
     t1 = time.perf_counter()
     depth = len(result.covers)
     block = depth if block is None else min(max(int(block), 1), depth)
@@ -147,6 +158,7 @@ def inside_panel(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: fl
         "tokens_at_block": int(result.counts[block]), "counts": list(result.counts),
         "flops_ratio": result.flops_ratio, "forward_ms": result.forward_ms, "plain_ms": plain,
         "speedup": plain / result.forward_ms, "merge_ms": result.merge_ms,
+        "threads": result.threads,
         "patch_cosine": agree["patch_cosine"], "cls_cosine": agree["cls_cosine"],
         "discarded_share": agree["discarded_share"],
     }
@@ -160,12 +172,12 @@ def inside_at_budget(encoder, enc: Encoding, budget: int) -> dict[str, dict]:
     r (ToMe, the same every block) and the keep ratio (EViT at its default
     blocks, fused) are chosen so the final count is nearest ``budget``
     (``r_for_budget``, ``keep_for_budget``: no network run to find them).
-    Returns {name: {"label", "comp", "setting", "speedup", "forward_ms", "plain_ms"}}.
+    Returns {name: {"label", "comp", "setting", "speedup", "forward_ms", "plain_ms",
+    "threads"}}.
     """
     from compress.inside import keep_for_budget, r_for_budget
 
     depth = len(encoder.net.blocks)
-    plain = plain_ms(encoder, enc)
     out = {}
     r = r_for_budget(enc.grid, budget, depth)
     keep = keep_for_budget(enc.grid, budget, depth)
@@ -176,7 +188,9 @@ def inside_at_budget(encoder, enc: Encoding, budget: int) -> dict[str, dict]:
          lambda: inside_run(encoder, enc, "prune", keep_ratio=keep)),
     ):
         result = run()
+        plain = plain_ms(encoder, enc, result.threads)
         out[name] = {"label": label, "comp": result.compression, "setting": setting,
                      "forward_ms": result.forward_ms, "plain_ms": plain,
-                     "speedup": plain / result.forward_ms, "flops_ratio": result.flops_ratio}
+                     "speedup": plain / result.forward_ms, "flops_ratio": result.flops_ratio,
+                     "threads": result.threads}
     return out
