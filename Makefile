@@ -50,7 +50,7 @@ bench-all: setup-test
 	$(PY) bench/bench_inside.py
 	$(PY) bench/bench_app.py
 	$(PY) bench/load_test.py --sessions 16 --seconds 60
-	$(PY) bench/bench_upload.py
+	$(PY) bench/bench_alone.py
 	$(PY) bench/bench_sweep.py
 	$(PY) bench/agreement_table.py
 	$(PY) bench/inside_agreement.py

@@ -19,7 +19,7 @@ steps (an encode, block by block; the saliency head's forward) take
 ``LONE_THREADS`` (all the cores; env ``TCE_LONE_THREADS``) while every
 request in flight is their own session's, and go back to ``--threads`` (at
 the next block, for an encode) once another session's request arrives.
-Measured with ``bench/bench_upload.py``: a lone upload's first picture comes
+Measured with ``bench/bench_alone.py``: a lone upload's first picture comes
 1.2-1.5x sooner on 2 cores; the load test is unchanged.
 """
 
