@@ -134,16 +134,18 @@ def step_threads() -> int | None:
 @contextmanager
 def lone_cores() -> Iterator[None]:
     """Within the block the calling thread uses ``step_threads()`` torch threads (decided on
-    entry), then ``--threads`` again. Torch's count is per thread: other requests keep theirs."""
+    entry), then the count it had before (blocks nest). Torch's count is per thread: other
+    requests keep theirs."""
     n = step_threads()
-    if n is None or n == _base:
+    before = torch.get_num_threads()
+    if n is None or n == before:
         yield
         return
     torch.set_num_threads(n)
     try:
         yield
     finally:
-        torch.set_num_threads(_base)
+        torch.set_num_threads(before)
 
 
 def yielding(fn: Callable) -> Callable:

@@ -7,6 +7,7 @@ import gradio as gr
 from viz.panels import has_fit, resampler_panel, resampler_title
 
 from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need, stats_md
+from .priority import lone_cores
 
 ID = "resampler"
 INITS = [("k-means", "kmeans"), ("random", "random"), ("fit", "fit")]
@@ -102,7 +103,8 @@ def build(w: Wiring) -> Tab:
 
     @guarded
     def fitted(session, latents, depth, selected, progress=gr.Progress()):  # noqa: B008
-        return [*do_fit(session, latents, depth, selected, progress), *details.view(session)]
+        with lone_cores():  # 40 training steps: ~6 s on one thread, ~3 s on two
+            return [*do_fit(session, latents, depth, selected, progress), *details.view(session)]
 
     w.on(api_full.click, steps.everything, inputs, full, "resample", **LIVE)
     w.on(api_live.click, render_live, inputs, [overlay, stats], "resample_live", **LIVE)

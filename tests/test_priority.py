@@ -189,6 +189,17 @@ def test_lone_cores_changes_only_the_calling_thread_and_restores_it(configured):
     assert torch.get_num_threads() == 1
 
 
+def test_lone_blocks_nest(configured):
+    """The resampler's fit takes every core and the saliency head inside it asks again: the inner
+    block leaves the outer one's count in force."""
+    with priority.request(object()):
+        with priority.lone_cores():
+            with priority.lone_cores():
+                assert torch.get_num_threads() == 2
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+
+
 def test_a_request_starts_on_the_configured_threads(configured):
     torch.set_num_threads(2)  # e.g. a worker thread born while a lone step had raised the count
     assert priority.counted(torch.get_num_threads)() == 1
