@@ -15,7 +15,8 @@ Both cores for a lone request: each request runs on ``--threads`` torch
 threads (one by default: on a busy small CPU several one-thread requests side
 by side beat contended thread pools), but a teacher alone on the machine
 would leave the second core idle while waiting for an encode. So the heavy
-steps (an encode, block by block; the saliency head's forward) take
+steps (an encode, block by block; the saliency head's forward; the forwards
+of Inside the ViT and Compare's release; the resampler's fit) take
 ``LONE_THREADS`` (all the cores; env ``TCE_LONE_THREADS``) while every
 request in flight is their own session's, and go back to ``--threads`` (at
 the next block, for an encode) once another session's request arrives.
