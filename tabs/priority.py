@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import inspect
 import os
 import threading
 from collections.abc import Callable, Hashable, Iterator
@@ -100,7 +101,12 @@ def request(owner: Hashable) -> Iterator[None]:
 def counted(fn: Callable) -> Callable:
     """``fn``, counted as a request of its session (the first argument of every handler the app
     wires) while it runs, on ``--threads`` torch threads (a worker thread started while a lone
-    step had raised torch's count would inherit that)."""
+    step had raised torch's count would inherit that). Generator and async handlers are left
+    as they are: Gradio streams them by their kind, which a plain wrapper would hide."""
+    if inspect.isgeneratorfunction(fn) or inspect.iscoroutinefunction(fn) \
+            or inspect.isasyncgenfunction(fn):
+        return fn
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         own_threads()

@@ -189,6 +189,16 @@ def test_lone_cores_changes_only_the_calling_thread_and_restores_it(configured):
     assert torch.get_num_threads() == 1
 
 
+def test_streaming_and_async_handlers_keep_their_kind():
+    def stream(session):
+        yield 1
+
+    async def later(session):
+        return 1
+
+    assert priority.counted(stream) is stream and priority.counted(later) is later
+
+
 def test_lone_blocks_nest(configured):
     """The resampler's fit takes every core and the saliency head inside it asks again: the inner
     block leaves the outer one's count in force."""
