@@ -1,4 +1,6 @@
-"""First pictures first: while an upload is being encoded, slider updates give way a moment.
+"""Who gets the cores: first pictures first, and every core for a person alone on the server.
+
+First pictures first: while an upload is being encoded, slider updates give way a moment.
 
 In a class, sixteen uploads arrive within a minute and the students already
 served start dragging sliders at once; on a small CPU every slider update
@@ -37,7 +39,27 @@ from contextlib import contextmanager
 import torch
 
 WAIT_S = float(os.environ.get("TCE_GIVE_WAY_S", "3"))  # the most a slider update waits for encodes
-LONE_THREADS = int(os.environ.get("TCE_LONE_THREADS", str(len(os.sched_getaffinity(0)))))
+
+
+def _cores() -> int:
+    """The cores this process may run on."""
+    if hasattr(os, "sched_getaffinity"):  # Linux
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _env_threads(name: str, default: int) -> int:
+    text = os.environ.get(name, str(default))
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise SystemExit(f"{name} must be a whole number of threads, at least 1; got {text!r}")
+    return value
+
+
+LONE_THREADS = _env_threads("TCE_LONE_THREADS", _cores())  # a lone person's heavy steps
 
 _cond = threading.Condition()
 _running = 0  # encodes running

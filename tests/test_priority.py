@@ -213,3 +213,16 @@ def test_lone_blocks_nest(configured):
 def test_a_request_starts_on_the_configured_threads(configured):
     torch.set_num_threads(2)  # e.g. a worker thread born while a lone step had raised the count
     assert priority.counted(torch.get_num_threads)() == 1
+
+
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_a_bad_lone_thread_count_is_named(value):
+    import os
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "import tabs.priority"], capture_output=True,
+                          text=True, env={**os.environ, "TCE_LONE_THREADS": value}, timeout=120)
+    assert done.returncode != 0
+    assert f"TCE_LONE_THREADS must be a whole number of threads, at least 1; got '{value}'" \
+        in done.stderr
