@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.threads < 1:
         ap.error("--threads must be at least 1")
     torch.set_num_threads(args.threads)  # before any worker thread starts: they inherit it
-    # ... and a lone request's encode and saliency head take every core (tabs/priority.py)
+    # ... and a person alone on the server gets every core for the heavy steps (tabs/priority.py)
     priority.configure(args.threads)
     Encoder.thread_policy = priority.step_threads
     # Python hands its lock (GIL) between threads every 5 ms by default: an encode or a slider

@@ -18,6 +18,7 @@ from PIL import Image
 
 from ._checks import check_choice, check_int
 from .images import grid_for, to_rgb
+from .threads import torch_threads
 from .types import Encoding
 from .weights import (
     BUNDLED_ARCH,
@@ -432,9 +433,8 @@ class Encoder:
             hook = block.attn.qkv.register_forward_hook(lambda _m, _args, out: mine("qkv", out))
         fast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
         policy = Encoder.thread_policy if device.type == "cpu" else None
-        threads = torch.get_num_threads()
         try:
-            with fast:
+            with torch_threads(), fast:  # the policy's counts last for this forward only
                 x = self.embed(pixels, net)
                 tokens = None
                 for i, blk in enumerate(net.blocks[: max(index, attn_index) + 1]):
@@ -445,8 +445,6 @@ class Encoder:
                         tokens = net.norm(x) if index == self.depth - 1 else x
         finally:
             hook.remove()
-            if torch.get_num_threads() != threads:
-                torch.set_num_threads(threads)
         x = tokens
         attn = block.attn
         if "qkv" in captured:

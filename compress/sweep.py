@@ -46,6 +46,7 @@ from .results import (
     load_results,
     summarise,  # noqa: F401 - part of this module's API as well
 )
+from .threads import torch_threads
 from .weights import BUNDLED_NAME
 
 DEFAULT_BUDGETS = (16, 32, 64, 144, 288)
@@ -216,18 +217,13 @@ def plain_sweep(paths: str | Sequence[str], strategies: str | Sequence[str] = "a
     order of ``sort_results``.
     """
     paths, names, budgets, size = _settings(paths, strategies, budgets, size, model)
-    before = torch.get_num_threads()
-    if threads is not None:
-        torch.set_num_threads(check_int("threads", threads, 1))
-    try:
+    with torch_threads(None if threads is None else check_int("threads", threads, 1)):
         encoder, head = _load_models(model, device)
         rows: list[dict] = []
         for i, path in enumerate(paths, 1):
             rows += sweep_rows(encoder, head, path, names, budgets, size)
             if progress is not None:
                 progress(i, len(paths))
-    finally:
-        torch.set_num_threads(before)
     return sort_results(as_results(pd.DataFrame(rows, columns=list(COLUMNS))))
 
 

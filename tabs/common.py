@@ -118,6 +118,11 @@ def need(session):
     return session.enc
 
 
+def threads_label(n: int) -> str:
+    """"1 thread", "2 threads": the torch threads a timing was measured on."""
+    return f"{n} thread" + ("s" if n != 1 else "")
+
+
 def stats_md(p: Panel, extra: str = "") -> str:
     """The numbers line under an overlay: "### N → M tokens (...)", fidelity, attention, times."""
     s = p.stats

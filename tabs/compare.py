@@ -21,7 +21,7 @@ from viz.compare import curves_plot
 from viz.inside import inside_at_budget
 from viz.panels import compare_panel, seed_claims, task_column
 
-from .common import LIVE, NO_TARGETS, QUIET, Tab, Wiring, guarded, need
+from .common import LIVE, NO_TARGETS, QUIET, Tab, Wiring, guarded, need, threads_label
 from .gesture import Gesture
 from .jobs import JOBS
 from .priority import lone_cores
@@ -104,9 +104,8 @@ def slower(session, budget: int):
             + extra_note)
     if inside:
         first = next(iter(inside.values()))
-        threads = f"{first['threads']} thread" + ("s" if first["threads"] != 1 else "")
         note += (f" · inside rows: ms is the whole forward (the plain forward: "
-                 f"{first['plain_ms']:.0f} ms, {threads})")
+                 f"{first['plain_ms']:.0f} ms, {threads_label(first['threads'])})")
     if session.panels[ID].stats["budget"] != budget:  # moved while these seconds ran: stale
         return [gr.skip()] * 3
     return [{"headers": COLUMNS, "data": rows}, note, claims_md(enc)]

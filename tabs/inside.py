@@ -8,7 +8,7 @@ from compress.cache import shared_encoder
 from compress.inside import EVIT_BLOCKS
 from viz.inside import inside_panel
 
-from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need
+from .common import LIVE, OVERLAY_H, Details, Steps, Tab, Wiring, export_box, guarded, need, threads_label
 from .gesture import slider_of
 from .priority import lone_cores
 from .source import LIMITS
@@ -26,10 +26,6 @@ on the same image: FLOPs, measured time, and what survives at the output (each p
 against the plain forward's, the CLS token, and the saliency head downstream)."""
 
 
-def _threads(n: int) -> str:
-    return f"{n} thread" + ("s" if n != 1 else "")
-
-
 def stats_md(p) -> str:
     s = p.stats
     r = p.comp.params
@@ -44,7 +40,7 @@ def stats_md(p) -> str:
     return (f"### {s['N']} → {s['M']} tokens at the output ({what})\n"
             f"after block {s['block']}: {s['tokens_at_block']} tokens · FLOPs **{s['flops_ratio']:.0%}** "
             f"of the plain forward · forward {s['forward_ms']:.0f} ms vs plain {s['plain_ms']:.0f} ms "
-            f"({_threads(s['threads'])}): **{s['speedup']:.2f}x**{merge}  \n"
+            f"({threads_label(s['threads'])}): **{s['speedup']:.2f}x**{merge}  \n"
             f"what survives: final patch tokens cos **{s['patch_cosine']:.4f}**{dropped}{cls}")
 
 

@@ -38,6 +38,8 @@ from contextlib import contextmanager
 
 import torch
 
+from compress.threads import torch_threads
+
 WAIT_S = float(os.environ.get("TCE_GIVE_WAY_S", "3"))  # the most a slider update waits for encodes
 
 
@@ -165,16 +167,8 @@ def lone_cores() -> Iterator[None]:
     """Within the block the calling thread uses ``step_threads()`` torch threads (decided on
     entry), then the count it had before (blocks nest). Torch's count is per thread: other
     requests keep theirs."""
-    n = step_threads()
-    before = torch.get_num_threads()
-    if n is None or n == before:
+    with torch_threads(step_threads()):
         yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def yielding(fn: Callable) -> Callable:

@@ -405,3 +405,20 @@ def test_thread_policy_is_asked_before_every_block_and_undone_after(encoder, mon
     assert used == [2]  # block 0 ran on the policy's count
     assert torch.allclose(enc.tokens, plain.tokens, atol=1e-4)
     assert torch.allclose(enc.cls_attn, plain.cls_attn, atol=1e-6)
+
+
+def test_torch_threads_sets_a_count_for_a_block_and_puts_it_back():
+    from compress.threads import torch_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch_threads(2):
+            assert torch.get_num_threads() == 2
+        assert torch.get_num_threads() == 1
+        with pytest.raises(RuntimeError), torch_threads():
+            torch.set_num_threads(2)  # the block may change it (an encode's policy does)
+            raise RuntimeError("failed mid-way")
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)

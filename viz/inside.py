@@ -22,6 +22,7 @@ from compress.inside import (
     prune_forward,
     tome_forward,
 )
+from compress.threads import torch_threads
 
 from .overlay import DEFAULT_DISPLAY, cluster_overlay
 from .panels import Panel
@@ -46,21 +47,15 @@ def plain_ms(encoder, enc: Encoding, threads: int | None = None) -> float:
     import torch
 
     _warm_up(encoder, "tome")
-    current = torch.get_num_threads()
-    threads = current if threads is None else int(threads)
+    threads = torch.get_num_threads() if threads is None else int(threads)
     kept = enc.memo.setdefault("inside_plain_ms", {})
     if threads not in kept:
         times = []
-        if threads != current:
-            torch.set_num_threads(threads)
-        try:
+        with torch_threads(threads):
             for _ in range(3):
                 t0 = time.perf_counter()
                 plain_forward(encoder, enc.image, enc.size, keep_aspect=True)
                 times.append((time.perf_counter() - t0) * 1e3)
-        finally:
-            if threads != current:
-                torch.set_num_threads(current)
         kept[threads] = float(np.median(times))
     return kept[threads]
 
