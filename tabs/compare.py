@@ -206,7 +206,7 @@ def build(w: Wiring) -> Tab:
     released = w.on(released.then, slower, [w.session, budget], slow, **QUIET)
     w.on(api_full.click, everything, [w.session, budget], slow, "compare", **LIVE)
     w.on(released.then, curve, [w.session, budget], curves, **QUIET)
-    timer.tick(poll, [w.session, budget], curves, api_visibility="private", **NO_TARGETS)
+    w.on(timer.tick, poll, [w.session, budget], curves, api_visibility="private", **NO_TARGETS)
 
     def fit(enc, budget):
         n = enc.num_patches

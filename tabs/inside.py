@@ -112,8 +112,8 @@ def build(w: Wiring) -> Tab:
     steps.on_drag(w, block.input, inputs, live, steps.quick)
     w.on(block.release, steps.gesture.full(lambda *a: render(*a), slider_of(block.release, inputs)),
          inputs, live + [plot], **LIVE)
-    overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
-                   api_visibility="private", **LIVE)
+    w.on(overlay.select, details.inspector.click(), [w.session], details.inspector.outputs,
+         api_visibility="private", **LIVE)
 
     def fit(enc, _method, r_value, _keep, _fuse, blocks_value, block_value):
         n, depth = enc.num_patches, shared_encoder(enc.model, LIMITS.device).depth

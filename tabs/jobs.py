@@ -86,7 +86,10 @@ class Jobs:
             job = self._queue.get()
             job.started_at = time.monotonic()
             try:
-                job.result = job.run(job.progress)
+                # in flight like a request of nobody's: while it runs no one has the server alone
+                # (it takes a core; a lone step on both would time its forwards against it)
+                with priority.request(object()):
+                    job.result = job.run(job.progress)
             except Exception as exc:  # noqa: BLE001 - a failed job says why; the worker goes on
                 LOG.exception("background job %r failed", job.key)
                 job.error = f"{type(exc).__name__}: {exc}"

@@ -86,8 +86,8 @@ def build(w: Wiring) -> Tab:
                          by(chosen, True))
     for ctl in (method, fill):
         steps.on_release(w, ctl.input, inputs, live + details.outputs, plot)
-    overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
-                   api_visibility="private", **LIVE)
+    w.on(overlay.select, details.inspector.click(), [w.session], details.inspector.outputs,
+         api_visibility="private", **LIVE)
     # the API's live update, with the method it is given (the UI's sliders pick theirs)
     w.on(api_live.click, lambda *a: render(*a, with_figure=False, numbers=False), inputs, live,
          "merge_live", **LIVE)

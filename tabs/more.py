@@ -138,7 +138,7 @@ def build(w: Wiring) -> Tab:
         session.query = patch
         return everything(session, *session.last_args[ID])
 
-    overlay.select(click, [w.session], full, api_visibility="private", **LIVE)
+    w.on(overlay.select, click, [w.session], full, api_visibility="private", **LIVE)
 
     def show_knobs(name):
         return [gr.update(visible=owner == name) for owner, _ in KNOBS]

@@ -65,7 +65,7 @@ LONE_THREADS = _env_threads("TCE_LONE_THREADS", _cores())  # a lone person's hea
 
 _cond = threading.Condition()
 _running = 0  # encodes running
-_active: collections.Counter = collections.Counter()  # requests in flight, by session
+_active: collections.Counter = collections.Counter()  # requests (and jobs) in flight, by owner
 _local = threading.local()  # the session whose request this thread runs
 _NOBODY = object()
 _base: int | None = None  # torch threads per request (``--threads``); None: no policy (library use)
@@ -151,7 +151,8 @@ def own_threads() -> None:
 def step_threads() -> int | None:
     """Torch threads for the calling request's next heavy step: ``LONE_THREADS`` while every
     request in flight is its own session's (a person alone on the server: e.g. the drag update
-    that a release follows may still be finishing) and at most one encode runs; else
+    that a release follows may still be finishing; a background job counts as someone else's,
+    tabs/jobs.py) and at most one encode runs; else
     ``--threads``. None when the app has not configured a thread count (library use: leave
     torch as it is)."""
     if _base is None:

@@ -118,7 +118,7 @@ def build(w: Wiring) -> Tab:
     w.on(api_full.click, steps.everything, inputs, full, "prune", **LIVE)
     for trigger in (keep.release, score.input, head.input, heat.input):
         steps.on_release(w, trigger, inputs, live + details.outputs, plot)
-    overlay.select(click, inputs, [score] + full, api_visibility="private", **LIVE)
+    w.on(overlay.select, click, inputs, [score] + full, api_visibility="private", **LIVE)
     w.on(query.submit, lambda *a: do_query(*a, details=details), inputs + [query],
          [score] + full, "prune_query", **LIVE)
 

@@ -112,8 +112,8 @@ def build(w: Wiring) -> Tab:
         steps.on_drag(w, slider.input, inputs, [overlay, stats], render_live)
     for trigger in (latents.release, selected.release, depth.release, init.input):
         steps.on_release(w, trigger, inputs, live + details.outputs, plot)
-    overlay.select(details.inspector.click(), [w.session], details.inspector.outputs,
-                   api_visibility="private", **LIVE)
+    w.on(overlay.select, details.inspector.click(), [w.session], details.inspector.outputs,
+         api_visibility="private", **LIVE)
     # fewer latents than the one shown large: the slider moves to the last latent, which is
     # what the picture shows (its maximum stays: API calls with any latent count stay valid)
     latents.release(clamp_selected, [latents, selected], [selected], api_visibility="private",

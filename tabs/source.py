@@ -306,9 +306,9 @@ def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks, box: gr.Tabs)
                 return _skips(len(tab.outputs))
             return guarded(draw_tab)(session, tab, values)
 
-        event = tab.tab.select(on_select, [session] + tab.inputs, tab.outputs, **QUIET)
+        event = w.on(tab.tab.select, on_select, [session] + tab.inputs, tab.outputs, **QUIET)
         if tab.later is not None:
-            event.then(later_of(tab), [session] + tab.later[1], tab.later[2], **QUIET)
+            w.on(event.then, later_of(tab), [session] + tab.later[1], tab.later[2], **QUIET)
 
     @guarded
     def encode_api(session, image, model, size, layer, keep_aspect, *values):
@@ -329,5 +329,5 @@ def wire(w: Wiring, src: Source, tabs: list[Tab], demo: gr.Blocks, box: gr.Tabs)
                 *_fitted(enc, tabs, values), *drawn, *slow]
 
     api = gr.Button(visible=False)
-    api.click(encode_api, enc_in, head_out + tab_out + later_out, api_name="encode", **NO_TARGETS,
-              **heavy)
+    w.on(api.click, encode_api, enc_in, head_out + tab_out + later_out, "encode", **NO_TARGETS,
+         **heavy)

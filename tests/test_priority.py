@@ -169,6 +169,33 @@ def test_a_lone_request_gets_every_core_and_shares_once_another_arrives(configur
     assert not priority._active  # every request counted out
 
 
+def test_no_one_is_alone_while_a_background_job_runs(configured):
+    """The Compare curves job takes a core: a lone step on both would time its forwards against
+    it (ToMe inside read 0.88x beside it)."""
+    from tabs.jobs import Jobs
+
+    started, release, seen = threading.Event(), threading.Event(), {}
+
+    def job(progress):
+        started.set()
+        release.wait(5)
+
+    @priority.counted
+    def heavy(session, key):
+        seen[key] = priority.step_threads()
+
+    jobs = Jobs()
+    me = object()
+    heavy(me, "before")
+    running = jobs.once({}, "curves", job)
+    started.wait(5)
+    heavy(me, "beside the job")
+    release.set()
+    running.event.wait(5)
+    heavy(me, "after")
+    assert seen == {"before": 2, "beside the job": 1, "after": 2}
+
+
 def test_lone_cores_changes_only_the_calling_thread_and_restores_it(configured):
     other_count, ready, checked = [], threading.Event(), threading.Event()
 
