@@ -103,7 +103,7 @@ def main() -> None:
                     torch.cuda.synchronize()
                 start = inside.TIMER()
                 with torch.autocast(encoder.device.type, torch.bfloat16, enabled=args.precision == "bf16"):
-                    encoder.net.forward_features(pixels)
+                    encoder.blocks_net.forward_features(pixels)  # bf16: bf16 weights
                 if gpu:
                     torch.cuda.synchronize()
                 return (inside.TIMER() - start) * 1e3
@@ -160,10 +160,12 @@ def main() -> None:
 def block_throughput(encoder, repeat: int) -> None:
     """Why few tokens fall behind the FLOPs count: one block's linear layers (qkv, proj, MLP)
     timed at token counts a merged forward passes through, as GFLOP/s."""
-    blk = encoder.net.blocks[len(encoder.net.blocks) // 2]
+    blk = encoder.blocks_net.blocks[len(encoder.blocks_net.blocks) // 2]
     linears = [m for m in blk.modules() if isinstance(m, torch.nn.Linear)]
+    bf16 = encoder.precision == "bf16"
     print()
-    print("One block's linear layers by token count (the FLOPs count assumes one rate for all):")
+    print(f"One block's linear layers by token count, {encoder.precision} (the FLOPs count assumes one "
+          "rate for all):")
     print()
     print("| tokens | ms | GFLOP/s |")
     print("| ---: | ---: | ---: |")
@@ -172,7 +174,7 @@ def block_throughput(encoder, repeat: int) -> None:
         flops = sum(2.0 * t * m.in_features * m.out_features for m in linears)
 
         def run(xs=xs):
-            with torch.no_grad():
+            with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=bf16):
                 for m, x in zip(linears, xs, strict=True):
                     m(x)
 

@@ -346,7 +346,7 @@ def _run(encoder, image, size: int, keep_aspect: bool, step: Step | None, prop_a
     """
     check_supported(encoder)
     resized, pixels, grid = encoder.preprocess(image, size, keep_aspect)
-    net, p = encoder.net, encoder.num_prefix
+    net, p = encoder.blocks_net, encoder.num_prefix  # bf16: the copy with bf16 weights
     n = grid[0] * grid[1]
     if validate is not None:
         validate(n)
@@ -360,7 +360,7 @@ def _run(encoder, image, size: int, keep_aspect: bool, step: Step | None, prop_a
     sync()
     start = TIMER()
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-        x = encoder.embed(pixels)
+        x = encoder.embed(pixels, net)
         for i, blk in enumerate(net.blocks):
             log_size = F.pad(state.size.log(), (p, 0)) if prop_attn and state.merged else None
             a, q, k = attention(blk.attn, blk.norm1(x), log_size)
