@@ -123,6 +123,14 @@ def threads_label(n: int) -> str:
     return f"{n} thread" + ("s" if n != 1 else "")
 
 
+def runs_label(s: dict) -> str:
+    """How a speed-up's times were taken (``viz.inside.timing``): "one run" (a first answer) or
+    "best of 2 and 5 runs" (the setting's forward, then the plain one)."""
+    if s["runs"] <= 1:
+        return "one run"
+    return f"best of {s['runs']} and {s['plain_runs']} runs"
+
+
 def stats_md(p: Panel, extra: str = "") -> str:
     """The numbers line under an overlay: "### N → M tokens (...)", fidelity, attention, times."""
     s = p.stats

@@ -21,7 +21,8 @@ from viz.compare import curves_plot
 from viz.inside import inside_at_budget
 from viz.panels import compare_panel, seed_claims, task_column
 
-from .common import LIVE, NO_TARGETS, QUIET, Tab, Wiring, guarded, need, threads_label
+from . import priority
+from .common import LIVE, NO_TARGETS, QUIET, Tab, Wiring, guarded, need, runs_label, threads_label
 from .gesture import Gesture
 from .jobs import JOBS
 from .priority import lone_cores
@@ -87,7 +88,8 @@ def slower(session, budget: int):
     inside = {}
     with lone_cores():  # forwards and the head: every core while no one else is waiting
         try:
-            inside = inside_at_budget(shared_encoder(enc.model, LIMITS.device), enc, budget)
+            inside = inside_at_budget(shared_encoder(enc.model, LIMITS.device), enc, budget,
+                                      settled=priority.alone())  # not at others' cost
         except ValueError as exc:
             extra_note = f" · inside the network: n/a ({exc})"
         comps.update({name: row["comp"] for name, row in inside.items()})
@@ -104,7 +106,7 @@ def slower(session, budget: int):
             + extra_note)
     if inside:
         first = next(iter(inside.values()))
-        note += (f" · inside rows: ms is the whole forward (the plain forward: "
+        note += (f" · inside rows: ms is the whole forward ({runs_label(first)}; the plain forward: "
                  f"{first['plain_ms']:.0f} ms, {threads_label(first['threads'])})")
     if session.panels[ID].stats["budget"] != budget:  # moved while these seconds ran: stale
         return [gr.skip()] * 3

@@ -148,6 +148,17 @@ def own_threads() -> None:
         torch.set_num_threads(_base)
 
 
+def alone() -> bool:
+    """Whether every request in flight is the calling request's session's (and at most one
+    encode runs): a person alone on the server. True when the app has configured nothing
+    (library use, tests)."""
+    if _base is None:
+        return True
+    owner = _local.__dict__.get("owner", _NOBODY)
+    with _cond:
+        return owner is not _NOBODY and set(_active) <= {owner} and _running <= 1
+
+
 def step_threads() -> int | None:
     """Torch threads for the calling request's next heavy step: ``LONE_THREADS`` while every
     request in flight is its own session's (a person alone on the server: e.g. the drag update
@@ -157,10 +168,7 @@ def step_threads() -> int | None:
     torch as it is)."""
     if _base is None:
         return None
-    owner = _local.__dict__.get("owner", _NOBODY)
-    with _cond:
-        alone = owner is not _NOBODY and set(_active) <= {owner} and _running <= 1
-    return max(_base, LONE_THREADS) if alone else _base
+    return max(_base, LONE_THREADS) if alone() else _base
 
 
 @contextmanager

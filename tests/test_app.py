@@ -503,6 +503,9 @@ def test_compare_runs_every_strategy_at_the_budget(client):
     for r in inside:
         assert abs(r[1] - 32) <= 8 and re.match(r"[\d.]+x \(FLOPs \d+%\)", r[-1]), r
     assert "M = 32 of N = 576" in note and "plain forward" in note
+    # alone on the server: the inside forwards were timed again in turns, the best of each read
+    assert re.search(r"the whole forward \(best of 2 and \d+ runs; the plain forward: \d+ ms, \d threads?\)",
+                     note), note
     assert "| the task |" in claims and "CC 0." in claims
     other = client.predict(100, api_name="/compare_live")
     assert differ(grid, other[0])

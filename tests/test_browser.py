@@ -247,6 +247,29 @@ def fetch_image(page, elem_id: str):
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB")).astype(np.int16)
 
 
+def test_inside_tab_settles_its_speedup(page):
+    # A new setting's numbers come from one run, then the forwards are timed again in turns and
+    # the line says so: on opening the tab, and after the r slider is released.
+    # (a background job - Compare's curves - takes a core: no one is alone on the server then,
+    # and the line keeps its first run's numbers; this test runs before Compare's, and waits)
+    page.wait_for_function("() => !/computing|waiting/.test(document.querySelector("
+                           "'#compare-curve-note')?.innerText || '')", timeout=180_000)
+    page.get_by_role("tab", name="Inside the ViT").click()
+    page.wait_for_selector("#inside-overlay img")
+    settled = ("() => /best of 2 and \\d+ runs\\): \\*?\\*?[\\d.]+x/.test("
+               "document.querySelector('#inside-stats').innerText)")
+    page.wait_for_function(settled, timeout=60_000)
+    old, stats = src(page, "inside-overlay"), text(page, "inside-stats")
+    drag(page, "inside-r", 0.1)
+    wait_changed(page, "inside-overlay", old, "inside-stats", stats)
+    r = int(float(page.locator("#inside-r input[type=range]").input_value()))
+    page.wait_for_function("r => document.querySelector('#inside-stats').innerText.includes("
+                           "'(r = ' + r + ' per block)')", arg=r, timeout=30_000)
+    page.wait_for_function(settled, timeout=60_000)
+    assert f"(r = {r} per block)" in text(page, "inside-stats")
+    page.screenshot(path=str(ARTIFACTS / "inside.png"), full_page=True)
+
+
 def test_compare_budget_changes_every_tile_and_the_table(page):
     from compress import STRATEGIES
     from viz.compare import TITLE_PX, tile_box

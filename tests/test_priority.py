@@ -126,6 +126,7 @@ def configured(monkeypatch):
 def test_without_the_app_there_is_no_policy():
     assert priority._base is None  # the library and other tests are left as they are
     assert priority.step_threads() is None
+    assert priority.alone()  # nothing to share the server with: a library call may time freely
     before = torch.get_num_threads()
     with priority.lone_cores():
         assert torch.get_num_threads() == before
@@ -136,9 +137,12 @@ def test_a_lone_request_gets_every_core_and_shares_once_another_arrives(configur
     inside, release = threading.Event(), threading.Event()
     me, someone_else = object(), object()  # two sessions
 
+    lone = {}
+
     @priority.counted
     def heavy(session, key):
         seen[key] = priority.step_threads()
+        lone[key] = priority.alone()
 
     @priority.counted
     def other(session):
@@ -166,6 +170,7 @@ def test_a_lone_request_gets_every_core_and_shares_once_another_arrives(configur
     assert seen == {"alone": 2, "beside my own drag update": 2,
                     "beside another session's request": 1, "beside a page's first request": 1,
                     "two encodes": 1, "alone again": 2, "a first request alone": 2}
+    assert lone == {key: n == 2 for key, n in seen.items()}  # alone() says what the count follows
     assert not priority._active  # every request counted out
 
 

@@ -93,17 +93,68 @@ def test_a_speedup_compares_forwards_timed_on_the_same_thread_count(encoder):
     before = torch.get_num_threads()
     try:
         torch.set_num_threads(2)
+        def plain_counts():
+            return {t for t, key in enc.memo["inside_times"] if key == ("plain",)}
+
         run = inside_panel(encoder, enc, "tome", r=8)  # timed on 2 threads
         assert run.stats["threads"] == run.extra["result"].threads == 2
-        assert set(enc.memo["inside_plain_ms"]) == {2}
+        assert plain_counts() == {2}
         torch.set_num_threads(1)
         again = inside_panel(encoder, enc, "tome", r=8, block=3)  # redrawn on 1: not re-run
         assert again.extra["result"] is run.extra["result"]
         assert again.stats["threads"] == 2 and again.stats["plain_ms"] == run.stats["plain_ms"]
-        assert set(enc.memo["inside_plain_ms"]) == {2}  # no plain forward on 1 thread for it
+        assert plain_counts() == {2}  # no plain forward on 1 thread for it
         one = plain_ms(encoder, enc)  # the caller's count: measured and kept apart
-        assert set(enc.memo["inside_plain_ms"]) == {1, 2} and one > 0
+        assert plain_counts() == {1, 2} and one > 0
         assert plain_ms(encoder, enc, 2) == run.stats["plain_ms"]  # kept, not re-measured
         assert torch.get_num_threads() == 1  # a measurement on another count puts it back
     finally:
         torch.set_num_threads(before)
+
+
+def test_a_speedup_reads_the_best_of_runs_timed_in_turns(encoder):
+    """One forward can catch the CPU busy (another request, the browser drawing the last
+    answer): a speed-up reads the best time of each forward, and settling times the run and
+    the plain forward once more, in turns, on the run's own thread count."""
+    from viz.inside import _samples, inside_panel, run_key, settle, timing
+
+    enc = encoder.encode(Image.open("assets/chelsea.jpg"), size=224)
+    first = inside_panel(encoder, enc, "tome", r=8)
+    result, key = first.extra["result"], first.extra["key"]
+    assert key == run_key("tome", 8)
+    assert first.stats["runs"] == 1 and first.stats["plain_runs"] == 3
+    assert first.stats["forward_ms"] == result.forward_ms
+    plain = _samples(enc, result.threads, ("plain",))
+    assert first.stats["plain_ms"] == min(plain) and len(plain) == 3
+    _samples(enc, result.threads, key)[0] = 1e6  # as if the first run had waited for a core
+    assert timing(encoder, enc, result, key)["speedup"] < 0.01
+    assert settle(encoder, enc, key)  # one more of each, in turns
+    t = timing(encoder, enc, result, key)
+    assert t["runs"] == 2 and t["plain_runs"] == 4 and t["forward_ms"] < 1e6
+    assert 0.5 < t["speedup"] < 3 and t["speedup"] == t["plain_ms"] / t["forward_ms"]
+    assert not settle(encoder, enc, key)  # settled: nothing runs again
+    assert timing(encoder, enc, result, key)["runs"] == 2
+    assert not settle(encoder, enc, run_key("tome", 9))  # never run: nothing to settle
+    with pytest.raises(ValueError, match="method"):
+        run_key("merge")
+
+
+def test_the_inside_tab_settles_its_numbers_line(encoder):
+    """The tab answers a new setting with one run's numbers, then times the forwards again in
+    turns and sends the settled numbers line; nothing when the controls have moved on."""
+    import gradio as gr
+
+    from tabs import inside as tab
+    from tabs.common import Session
+
+    session = Session()
+    session.show(encoder.encode(Image.open("assets/chelsea.jpg"), size=224))
+    args = ("tome", 12, 0.7, True, [3, 6, 9], 12)
+    overlay, line = tab.render(session, *args, with_figure=False)
+    assert "one run" in line
+    settled = tab.settled(session, *args)
+    assert isinstance(settled, str) and "best of 2 and 4 runs" in settled
+    assert session.panels["inside"].stats["runs"] == 2  # kept for the export too
+    skip = gr.skip()
+    assert tab.settled(session, *args) == skip  # already settled
+    assert tab.settled(session, "tome", 13, *args[2:]) == skip  # the slider has moved on

@@ -31,33 +31,84 @@ from .plots import ACCENT, MAIN, _figure, _styled
 RUNS_KEPT = 6  # inside runs kept per encoding (each holds its covers)
 
 
+PLAIN_RUNS = 3  # the plain forward is timed this many times per thread count at first
+SETTLED_RUNS = 2  # a run is settled once its forward has been timed this many times
+_PLAIN = ("plain",)
+
+
 def _memo(enc: Encoding, key, make):
     runs = enc.memo.setdefault("inside_runs", {})
     if key not in runs:
-        runs[key] = make()
+        result = make()
+        _samples(enc, result.threads, key).append(result.forward_ms)
+        runs[key] = result
         while len(runs) > RUNS_KEPT:
             runs.pop(next(iter(runs)))
     return runs[key]
 
 
+def _samples(enc: Encoding, threads: int, key) -> list[float]:
+    """The forward times (ms) of run ``key`` (or the plain forward) on ``threads`` torch threads
+    measured so far on this encoding's image (a speed-up reads the best of each)."""
+    return enc.memo.setdefault("inside_times", {}).setdefault((int(threads), key), [])
+
+
+def _time_plain(encoder, enc: Encoding) -> float:
+    t0 = time.perf_counter()
+    plain_forward(encoder, enc.image, enc.size, keep_aspect=True)
+    return (time.perf_counter() - t0) * 1e3
+
+
 def plain_ms(encoder, enc: Encoding, threads: int | None = None) -> float:
-    """The plain forward's time on this encoding's image (median of 3) on ``threads`` torch
-    threads (default: the calling thread's count), measured once per count and kept: a run's
-    speed-up compares it with the plain forward at the count the run was timed at."""
+    """The plain forward's time on this encoding's image on ``threads`` torch threads (default:
+    the calling thread's count): the best of its runs at that count (``PLAIN_RUNS`` at first,
+    one more with every ``settle``). A run's speed-up compares it with the plain forward at the
+    count the run was timed at."""
     import torch
 
     _warm_up(encoder, "tome")
     threads = torch.get_num_threads() if threads is None else int(threads)
-    kept = enc.memo.setdefault("inside_plain_ms", {})
-    if threads not in kept:
-        times = []
+    kept = _samples(enc, threads, _PLAIN)
+    if len(kept) < PLAIN_RUNS:
         with torch_threads(threads):
-            for _ in range(3):
-                t0 = time.perf_counter()
-                plain_forward(encoder, enc.image, enc.size, keep_aspect=True)
-                times.append((time.perf_counter() - t0) * 1e3)
-        kept[threads] = float(np.median(times))
-    return kept[threads]
+            while len(kept) < PLAIN_RUNS:
+                kept.append(_time_plain(encoder, enc))
+    return min(kept)
+
+
+def timing(encoder, enc: Encoding, result: InsideResult, key) -> dict:
+    """{"forward_ms", "plain_ms", "speedup", "runs", "plain_runs", "threads"} of run ``key``:
+    the best time of each forward measured so far at the run's thread count.
+
+    Why the best and not one run: a server's forwards share the CPU with what else runs at
+    that moment (the server's own work on the request, other people's requests, on a laptop
+    the browser drawing the last answer), which only ever adds time: in the app a first run
+    of ToMe at r = 36 took 159 ms and the same forward 113 ms a moment later. The plain
+    forward gains a run with every ``settle``, so its best is over more runs than a
+    setting's: if anything, a speed-up is understated."""
+    plain = plain_ms(encoder, enc, result.threads)
+    forward = min(_samples(enc, result.threads, key) or [result.forward_ms])
+    return {"forward_ms": forward, "plain_ms": plain, "speedup": plain / forward,
+            "runs": len(_samples(enc, result.threads, key)),
+            "plain_runs": len(_samples(enc, result.threads, _PLAIN)), "threads": result.threads}
+
+
+def settle(encoder, enc: Encoding, key) -> bool:
+    """Time run ``key`` (kept with the encoding) once more and the plain forward once more, in
+    turns and on the run's thread count, until the run has ``SETTLED_RUNS`` times; True if it
+    ran anything. What the app does after showing a new setting's first numbers."""
+    result = enc.memo.get("inside_runs", {}).get(key)
+    if result is None:
+        return False
+    kept = _samples(enc, result.threads, key)
+    if len(kept) >= SETTLED_RUNS:
+        return False
+    plain_ms(encoder, enc, result.threads)  # its first runs, if they are still to come
+    with torch_threads(result.threads):
+        while len(kept) < SETTLED_RUNS:
+            kept.append(_forward(encoder, enc, key).forward_ms)
+            _samples(enc, result.threads, _PLAIN).append(_time_plain(encoder, enc))
+    return True
 
 
 _WARM: set = set()
@@ -87,19 +138,26 @@ def inside_run(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: floa
     if enc.layer != encoder.depth - 1:
         raise ValueError("compression inside the network runs the whole network: choose the last "
                          f"block (this encoding reads block {enc.layer + 1})")
-    if method in ("tome", "prune"):
-        _warm_up(encoder, method)
+    key = run_key(method, r, keep_ratio, blocks, fuse)
+    _warm_up(encoder, method)
+    return _memo(enc, key, lambda: _forward(encoder, enc, key))
+
+
+def run_key(method: str, r: int = 8, keep_ratio: float = 0.7, blocks=EVIT_BLOCKS,
+            fuse: bool = True) -> tuple:
+    """What identifies a run on an encoding: ("tome", r) or ("prune", keep, blocks, fuse)."""
     if method == "tome":
-        key = ("tome", int(r))
-        return _memo(enc, key, lambda: tome_forward(encoder, enc.image, enc.size, r=int(r),
-                                                    keep_aspect=True))
+        return ("tome", int(r))
     if method == "prune":
-        key = ("prune", float(keep_ratio), tuple(blocks), bool(fuse))
-        return _memo(enc, key, lambda: prune_forward(encoder, enc.image, enc.size,
-                                                     keep_ratio=float(keep_ratio),
-                                                     blocks=tuple(blocks), fuse=bool(fuse),
-                                                     keep_aspect=True))
+        return ("prune", float(keep_ratio), tuple(int(b) for b in blocks), bool(fuse))
     raise ValueError(f"method must be 'tome' or 'prune', got {method!r}")
+
+
+def _forward(encoder, enc: Encoding, key) -> InsideResult:
+    if key[0] == "tome":
+        return tome_forward(encoder, enc.image, enc.size, r=key[1], keep_aspect=True)
+    return prune_forward(encoder, enc.image, enc.size, keep_ratio=key[1], blocks=key[2],
+                         fuse=key[3], keep_aspect=True)
 
 
 FORWARD_NAMES = {"tome_inside": "ToMe inside", "prune_inside": "EViT inside"}
@@ -132,14 +190,16 @@ def inside_panel(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: fl
     """One inside-the-network run drawn after block ``block`` (default: the last).
 
     ``stats``: N, M, tokens per block, FLOPs ratio, forward ms, the plain
-    forward's ms and the speedup (both timed in this process, on the same
-    number of torch threads: ``threads``), merge ms, and
+    forward's ms and the speedup (``timing``: the best of each forward's runs
+    so far, ``runs`` and ``plain_runs`` of them, timed in this process on the
+    same number of torch threads: ``threads``), merge ms, and
     the output agreement (final patch tokens read back through the covers
     against the plain forward's, CLS cosine).
     """
     t0 = time.perf_counter()
     result = inside_run(encoder, enc, method, r, keep_ratio, blocks, fuse)
-    plain = plain_ms(encoder, enc, result.threads)
+    key = run_key(method, r, keep_ratio, blocks, fuse)
+    speed = timing(encoder, enc, result, key)
     t1 = time.perf_counter()
     depth = len(result.covers)
     block = depth if block is None else min(max(int(block), 1), depth)
@@ -151,41 +211,41 @@ def inside_panel(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: fl
     stats = {
         "N": enc.num_patches, "M": result.compression.num_out, "block": block,
         "tokens_at_block": int(result.counts[block]), "counts": list(result.counts),
-        "flops_ratio": result.flops_ratio, "forward_ms": result.forward_ms, "plain_ms": plain,
-        "speedup": plain / result.forward_ms, "merge_ms": result.merge_ms,
-        "threads": result.threads,
+        "flops_ratio": result.flops_ratio, **speed, "merge_ms": result.merge_ms,
         "patch_cosine": agree["patch_cosine"], "cls_cosine": agree["cls_cosine"],
         "discarded_share": agree["discarded_share"],
     }
-    return Panel(overlay, result.compression, stats, figure, {"result": result},
+    return Panel(overlay, result.compression, stats, figure, {"result": result, "key": key},
                  strategy_ms=(t1 - t0) * 1e3, draw_ms=(t2 - t1) * 1e3)
 
 
-def inside_at_budget(encoder, enc: Encoding, budget: int) -> dict[str, dict]:
+def inside_at_budget(encoder, enc: Encoding, budget: int, settled: bool = False) -> dict[str, dict]:
     """ToMe and EViT pruning inside the network at about ``budget`` final tokens, for Compare.
 
     r (ToMe, the same every block) and the keep ratio (EViT at its default
     blocks, fused) are chosen so the final count is nearest ``budget``
     (``r_for_budget``, ``keep_for_budget``: no network run to find them).
-    Returns {name: {"label", "comp", "setting", "speedup", "forward_ms", "plain_ms",
-    "threads"}}.
+    With ``settled`` each forward is timed ``SETTLED_RUNS`` times (``settle``).
+    Returns {name: {"label", "comp", "setting", "flops_ratio", and ``timing``'s
+    "forward_ms", "plain_ms", "speedup", "runs", "plain_runs", "threads"}}.
     """
+    import torch
+
     from compress.inside import keep_for_budget, r_for_budget
 
     depth = len(encoder.net.blocks)
     out = {}
     r = r_for_budget(enc.grid, budget, depth)
     keep = keep_for_budget(enc.grid, budget, depth)
-    for name, label, setting, run in (
-        ("tome_inside", "ToMe inside the ViT", f"r = {r} per block",
+    for name, label, setting, key, run in (
+        ("tome_inside", "ToMe inside the ViT", f"r = {r} per block", run_key("tome", r),
          lambda: inside_run(encoder, enc, "tome", r=r)),
         ("prune_inside", "EViT pruning inside the ViT", f"keep {keep:.2f} at blocks 4, 7, 10",
-         lambda: inside_run(encoder, enc, "prune", keep_ratio=keep)),
+         run_key("prune", keep_ratio=keep), lambda: inside_run(encoder, enc, "prune", keep_ratio=keep)),
     ):
         result = run()
-        plain = plain_ms(encoder, enc, result.threads)
+        if settled and torch.get_num_threads() == result.threads:  # the run's count, or not now
+            settle(encoder, enc, key)
         out[name] = {"label": label, "comp": result.compression, "setting": setting,
-                     "forward_ms": result.forward_ms, "plain_ms": plain,
-                     "speedup": plain / result.forward_ms, "flops_ratio": result.flops_ratio,
-                     "threads": result.threads}
+                     "flops_ratio": result.flops_ratio, **timing(encoder, enc, result, key)}
     return out
