@@ -145,16 +145,19 @@ def test_the_inside_tab_settles_its_numbers_line(encoder):
     import gradio as gr
 
     from tabs import inside as tab
+    from tabs import priority
     from tabs.common import Session
 
     session = Session()
     session.show(encoder.encode(Image.open("assets/chelsea.jpg"), size=224))
     args = ("tome", 12, 0.7, True, [3, 6, 9], 12)
-    overlay, line = tab.render(session, *args, with_figure=False)
+    # as the app wires them: each a request of the session (its thread count follows from that)
+    overlay, line = priority.counted(tab.render)(session, *args, with_figure=False)
     assert "one run" in line
-    settled = tab.settled(session, *args)
+    settled_step = priority.counted(tab.settled)
+    settled = settled_step(session, *args)
     assert isinstance(settled, str) and "best of 2 and 4 runs" in settled
     assert session.panels["inside"].stats["runs"] == 2  # kept for the export too
     skip = gr.skip()
-    assert tab.settled(session, *args) == skip  # already settled
-    assert tab.settled(session, "tome", 13, *args[2:]) == skip  # the slider has moved on
+    assert settled_step(session, *args) == skip  # already settled
+    assert settled_step(session, "tome", 13, *args[2:]) == skip  # the slider has moved on
