@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="largest accepted image in pixels (env TCE_MAX_PIXELS, default 40e6)")
     ap.add_argument("--precision", choices=["fp32", "bf16"],
                     default=os.environ.get("TCE_PRECISION", "fp32"),
-                    help="bf16 encodes ~1.4x faster on a GPU or a CPU with native bf16 (AVX-512 "
+                    help="bf16 encodes ~3x faster on a GPU or a CPU with native bf16 (AVX-512 "
                          "BF16, AMX); elsewhere fp32 is used, with a notice; default fp32")
     ap.add_argument("--threads", type=int, default=int(os.environ.get("TCE_THREADS", "1")),
                     help="torch threads per request (env TCE_THREADS, default 1): requests run side "
