@@ -277,8 +277,9 @@ class Details:
 
     def picture(self) -> None:
         """The saliency pair and what it is: under the overlay, in the overlay's column."""
-        self.image = gr.Image(label="The model downstream: saliency from the original vs the "
-                              "compressed tokens", format="jpeg", interactive=False,
+        # (a label that fits beside the picture's buttons at 1280 px: a longer one ran under them)
+        self.image = gr.Image(label="The model downstream: original vs compressed tokens",
+                              format="jpeg", interactive=False,
                               elem_id=f"{self.tab}-task-image")
         with gr.Accordion("What is the model downstream?", open=False):
             gr.Markdown(TASK_ABOUT)
