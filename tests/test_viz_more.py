@@ -116,7 +116,7 @@ def test_a_speedup_reads_the_best_of_runs_timed_in_turns(encoder):
     """One forward can catch the CPU busy (another request, the browser drawing the last
     answer): a speed-up reads the best time of each forward, and settling times the run and
     the plain forward once more, in turns, on the run's own thread count."""
-    from viz.inside import _samples, inside_panel, run_key, settle, timing
+    from viz.inside import PLAIN_MAX_RUNS, _samples, inside_panel, run_key, settle, timing
 
     enc = encoder.encode(Image.open("assets/chelsea.jpg"), size=224)
     first = inside_panel(encoder, enc, "tome", r=8)
@@ -135,6 +135,10 @@ def test_a_speedup_reads_the_best_of_runs_timed_in_turns(encoder):
     assert not settle(encoder, enc, key)  # settled: nothing runs again
     assert timing(encoder, enc, result, key)["runs"] == 2
     assert not settle(encoder, enc, run_key("tome", 9))  # never run: nothing to settle
+    for r in (4, 12, 16):  # more settings: the plain forward stops at PLAIN_MAX_RUNS runs
+        inside_panel(encoder, enc, "tome", r=r)
+        settle(encoder, enc, run_key("tome", r))
+    assert len(plain) == PLAIN_MAX_RUNS
     with pytest.raises(ValueError, match="method"):
         run_key("merge")
 

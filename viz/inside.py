@@ -33,6 +33,7 @@ RUNS_KEPT = 6  # inside runs kept per encoding (each holds its covers)
 
 PLAIN_RUNS = 3  # the plain forward is timed this many times per thread count at first
 SETTLED_RUNS = 2  # a run is settled once its forward has been timed this many times
+PLAIN_MAX_RUNS = 5  # ``settle`` times the plain forward again until it has this many runs
 _PLAIN = ("plain",)
 
 
@@ -94,9 +95,10 @@ def timing(encoder, enc: Encoding, result: InsideResult, key) -> dict:
 
 
 def settle(encoder, enc: Encoding, key) -> bool:
-    """Time run ``key`` (kept with the encoding) once more and the plain forward once more, in
-    turns and on the run's thread count, until the run has ``SETTLED_RUNS`` times; True if it
-    ran anything. What the app does after showing a new setting's first numbers."""
+    """Time run ``key`` (kept with the encoding) once more and the plain forward once more
+    (until it has ``PLAIN_MAX_RUNS`` runs: then its best is settled too), in turns and on the
+    run's thread count, until the run has ``SETTLED_RUNS`` times; True if it ran anything.
+    What the app does after showing a new setting's first numbers."""
     result = enc.memo.get("inside_runs", {}).get(key)
     if result is None:
         return False
@@ -104,10 +106,12 @@ def settle(encoder, enc: Encoding, key) -> bool:
     if len(kept) >= SETTLED_RUNS:
         return False
     plain_ms(encoder, enc, result.threads)  # its first runs, if they are still to come
+    plain = _samples(enc, result.threads, _PLAIN)
     with torch_threads(result.threads):
         while len(kept) < SETTLED_RUNS:
             kept.append(_forward(encoder, enc, key).forward_ms)
-            _samples(enc, result.threads, _PLAIN).append(_time_plain(encoder, enc))
+            if len(plain) < PLAIN_MAX_RUNS:
+                plain.append(_time_plain(encoder, enc))
     return True
 
 
