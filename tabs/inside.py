@@ -80,8 +80,12 @@ def settled(session, method: str, r: int, keep: float, fuse: bool, blocks: list,
     key = p.extra["key"]
     if key != run_key(method, int(r), float(keep), tuple(sorted(int(b) for b in blocks)), bool(fuse)):
         return gr.skip()  # the controls have moved on: their own answer will come
-    time.sleep(pause)
-    if session.panels.get(ID) is not p or not priority.alone():
+    end = time.monotonic() + pause
+    while time.monotonic() < end:  # (a newer setting ends the wait at once: no queue slot held)
+        time.sleep(min(0.05, max(end - time.monotonic(), 0)))
+        if session.panels.get(ID) is not p:
+            return gr.skip()
+    if not priority.alone():
         return gr.skip()
     enc = need(session)
     encoder = shared_encoder(enc.model, LIMITS.device)

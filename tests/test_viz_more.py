@@ -165,3 +165,18 @@ def test_the_inside_tab_settles_its_numbers_line(encoder):
     skip = gr.skip()
     assert settled_step(session, *args) == skip  # already settled
     assert settled_step(session, "tome", 13, *args[2:]) == skip  # the slider has moved on
+    # a newer setting shown while the settle step waits for the page to draw ends the wait at once
+    import threading
+    import time
+
+    args14 = ("tome", 14, *args[2:])
+    priority.counted(tab.render)(session, *args14, with_figure=False)
+    got = []
+    waiting = threading.Thread(target=lambda: got.append(
+        (settled_step(session, *args14, pause=30.0), time.monotonic())))
+    waiting.start()
+    time.sleep(0.2)
+    priority.counted(tab.render)(session, "tome", 15, *args[2:], with_figure=False)
+    moved = time.monotonic()
+    waiting.join(10)
+    assert got and got[0][0] == skip and got[0][1] - moved < 1.0
