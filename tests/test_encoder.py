@@ -248,6 +248,20 @@ def test_cpu_gpu_parity(coffee_enc):
     assert out.assign.is_cuda and out.num_out == 64
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bf16_on_a_gpu_keeps_bf16_weights_and_stays_close(coffee_enc):
+    gpu = Encoder(device="cuda", precision="bf16")
+    assert gpu.precision == "bf16" and gpu.notice == ""
+    qkv = gpu.blocks_net.blocks[0].attn.qkv.weight
+    assert qkv.is_cuda and qkv.dtype == torch.bfloat16
+    assert gpu.net.blocks[0].attn.qkv.weight.dtype == torch.float32  # q/k are read in float32
+    enc = gpu.encode(Image.open(ASSETS / "coffee.jpg"), size=336)
+    assert enc.tokens.is_cuda and enc.q.dtype == torch.float32
+    cos = torch.nn.functional.cosine_similarity(enc.tokens.cpu(), coffee_enc.tokens, dim=-1)
+    assert float(cos.mean()) > 0.99
+
+
 def test_unreachable_hub_fails_fast_and_clearly(monkeypatch, tmp_path):
     """No HF_HUB_OFFLINE, but the hub endpoint refuses connections (a closed loopback port):
     the encoder says so within seconds instead of hanging in a download."""
