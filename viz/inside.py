@@ -63,8 +63,8 @@ def _time_plain(encoder, enc: Encoding) -> float:
 def plain_ms(encoder, enc: Encoding, threads: int | None = None) -> float:
     """The plain forward's time on this encoding's image on ``threads`` torch threads (default:
     the calling thread's count): the best of its runs at that count (``PLAIN_RUNS`` at first,
-    one more with every ``settle``). A run's speed-up compares it with the plain forward at the
-    count the run was timed at."""
+    one more with each ``settle`` up to ``PLAIN_MAX_RUNS``). A run's speed-up compares it with
+    the plain forward at the count the run was timed at."""
     import torch
 
     _warm_up(encoder, "tome")
@@ -85,7 +85,7 @@ def timing(encoder, enc: Encoding, result: InsideResult, key) -> dict:
     that moment (the server's own work on the request, other people's requests, on a laptop
     the browser drawing the last answer), which only ever adds time: in the app a first run
     of ToMe at r = 36 took 159 ms and the same forward 113 ms a moment later. The plain
-    forward gains a run with every ``settle``, so its best is over more runs than a
+    forward gains runs with the first ``settle``s, so its best is over more runs than a
     setting's: if anything, a speed-up is understated."""
     plain = plain_ms(encoder, enc, result.threads)
     forward = min(_samples(enc, result.threads, key) or [result.forward_ms])
