@@ -153,6 +153,9 @@ def test_binds_loopback_by_default(monkeypatch):
     monkeypatch.setattr(app, "build", lambda: type("B", (), {"launch": lambda self, **kw:
                                                               seen.update(kw)})())
     monkeypatch.setattr(app, "shared_encoder", lambda *a, **k: None)
+    # (numba compiling in a daemon thread while the interpreter exits aborts it: run alone, this
+    # test was the last thing in the process)
+    monkeypatch.setattr(app, "compile_kernels", lambda: None)
     monkeypatch.setattr(app.torch, "set_num_threads", lambda n: seen.update(threads=n))
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("TCE_THREADS", raising=False)
