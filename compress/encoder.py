@@ -85,18 +85,25 @@ def run_with_cpu_fallback(on_device: Callable[[], T], on_cpu: Callable[[], T],
     return on_cpu(), OOM_NOTICE
 
 
+def _copy_mapped(net: torch.nn.Module, param: Callable, buffer: Callable) -> torch.nn.Module:
+    """``copy.deepcopy(net)`` with each parameter replaced by ``param(p)`` and each buffer by
+    ``buffer(b)`` (a deep-copy memo maps them, so nothing else is copied first)."""
+    memo: dict[int, object] = {id(p): param(p) for p in net.parameters()}
+    memo.update({id(b): buffer(b) for b in net.buffers()})
+    return copy.deepcopy(net, memo)
+
+
 def cpu_copy(net: torch.nn.Module) -> torch.nn.Module:
     """A copy of ``net`` on the CPU, made without allocating anything on the GPU.
 
     ``copy.deepcopy`` would first copy every parameter on its own device; a
     memo that maps each parameter and buffer to its CPU copy avoids that.
     """
-    memo: dict[int, object] = {}
-    for p in net.parameters():
-        memo[id(p)] = torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad)
-    for b in net.buffers():
-        memo[id(b)] = b.detach().to("cpu", copy=True)
-    return copy.deepcopy(net, memo).cpu()
+    return _copy_mapped(
+        net,
+        lambda p: torch.nn.Parameter(p.detach().to("cpu", copy=True), requires_grad=p.requires_grad),
+        lambda b: b.detach().to("cpu", copy=True),
+    ).cpu()
 
 
 def bf16_copy(net: torch.nn.Module) -> torch.nn.Module:
@@ -110,15 +117,14 @@ def bf16_copy(net: torch.nn.Module) -> torch.nn.Module:
     Stored in bf16 once, the weights need no cast and every layer computes the same bits (the
     cast is the same rounding), so the tokens are equal bit for bit.
     """
-    memo: dict[int, object] = {}
-    low = tuple(m for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
-    converted = {id(p) for m in low for p in m.parameters(recurse=False)}
-    for p in net.parameters():
-        memo[id(p)] = (torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
-                       if id(p) in converted else p)
-    for b in net.buffers():
-        memo[id(b)] = b
-    return copy.deepcopy(net, memo).eval()
+    low = {id(p) for m in net.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+           for p in m.parameters(recurse=False)}
+    return _copy_mapped(
+        net,
+        lambda p: torch.nn.Parameter(p.detach().to(torch.bfloat16), requires_grad=False)
+        if id(p) in low else p,
+        lambda b: b,
+    ).eval()
 
 
 def _not_a_vit(name: str) -> ValueError:

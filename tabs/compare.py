@@ -83,14 +83,13 @@ def slower(session, budget: int):
     p = session.panels.get(ID)
     if p is None or p.stats["budget"] != budget:  # the slider has moved on since: stale
         return [gr.skip()] * 3
-    comps = dict(p.extra["comps"])
     extra_note = ""
     inside = {}
     with lone_cores():  # forwards and the head: every core while no one else is waiting
         # the post-hoc rows' task column first: the page draws the grid meanwhile, and the
         # inside forwards are timed after it (timed beside the browser's drawing, on two
         # cores, ToMe r = 43 read 1.05x where the benchmark measures 1.6x)
-        task, reason = task_column(enc, comps)
+        task, reason = task_column(enc, p.extra["comps"])
         try:
             inside = inside_at_budget(shared_encoder(enc.model, LIMITS.device), enc, budget,
                                       settled=priority.alone())  # not at others' cost

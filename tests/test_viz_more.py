@@ -128,6 +128,11 @@ def test_a_speedup_reads_the_best_of_runs_timed_in_turns(encoder):
     assert first.stats["plain_ms"] == min(plain) and len(plain) == 3
     _samples(enc, result.threads, key)[0] = 1e6  # as if the first run had waited for a core
     assert timing(encoder, enc, result, key)["speedup"] < 0.01
+    from compress.threads import torch_threads
+
+    with torch_threads(result.threads + 1):  # another count: its times would not compare
+        assert not settle(encoder, enc, key)
+    assert len(_samples(enc, result.threads, key)) == 1
     assert settle(encoder, enc, key)  # one more of each, in turns
     t = timing(encoder, enc, result, key)
     assert t["runs"] == 2 and t["plain_runs"] == 4 and t["forward_ms"] < 1e6

@@ -88,7 +88,7 @@ def timing(encoder, enc: Encoding, result: InsideResult, key) -> dict:
     forward gains runs with the first ``settle``s, so its best is over more runs than a
     setting's: if anything, a speed-up is understated."""
     plain = plain_ms(encoder, enc, result.threads)
-    forward = min(_samples(enc, result.threads, key) or [result.forward_ms])
+    forward = min(_samples(enc, result.threads, key))  # the first run's time is its first
     return {"forward_ms": forward, "plain_ms": plain, "speedup": plain / forward,
             "runs": len(_samples(enc, result.threads, key)),
             "plain_runs": len(_samples(enc, result.threads, _PLAIN)), "threads": result.threads}
@@ -96,22 +96,25 @@ def timing(encoder, enc: Encoding, result: InsideResult, key) -> dict:
 
 def settle(encoder, enc: Encoding, key) -> bool:
     """Time run ``key`` (kept with the encoding) once more and the plain forward once more
-    (until it has ``PLAIN_MAX_RUNS`` runs: then its best is settled too), in turns and on the
-    run's thread count, until the run has ``SETTLED_RUNS`` times; True if it ran anything.
-    What the app does after showing a new setting's first numbers."""
+    (until it has ``PLAIN_MAX_RUNS`` runs: then its best is settled too), in turns, until the
+    run has ``SETTLED_RUNS`` times; True if it ran anything. Only on the thread count the run
+    was timed at: a caller on another count (the app gives a request one thread while others
+    wait) would time forwards that do not compare, so nothing runs. What the app does after
+    showing a new setting's first numbers."""
+    import torch
+
     result = enc.memo.get("inside_runs", {}).get(key)
-    if result is None:
+    if result is None or torch.get_num_threads() != result.threads:
         return False
     kept = _samples(enc, result.threads, key)
     if len(kept) >= SETTLED_RUNS:
         return False
     plain_ms(encoder, enc, result.threads)  # its first runs, if they are still to come
     plain = _samples(enc, result.threads, _PLAIN)
-    with torch_threads(result.threads):
-        while len(kept) < SETTLED_RUNS:
-            kept.append(_forward(encoder, enc, key).forward_ms)
-            if len(plain) < PLAIN_MAX_RUNS:
-                plain.append(_time_plain(encoder, enc))
+    while len(kept) < SETTLED_RUNS:
+        kept.append(_forward(encoder, enc, key).forward_ms)
+        if len(plain) < PLAIN_MAX_RUNS:
+            plain.append(_time_plain(encoder, enc))
     return True
 
 
@@ -233,8 +236,6 @@ def inside_at_budget(encoder, enc: Encoding, budget: int, settled: bool = False)
     Returns {name: {"label", "comp", "setting", "flops_ratio", and ``timing``'s
     "forward_ms", "plain_ms", "speedup", "runs", "plain_runs", "threads"}}.
     """
-    import torch
-
     from compress.inside import keep_for_budget, r_for_budget
 
     depth = len(encoder.net.blocks)
@@ -248,7 +249,7 @@ def inside_at_budget(encoder, enc: Encoding, budget: int, settled: bool = False)
          run_key("prune", keep_ratio=keep), lambda: inside_run(encoder, enc, "prune", keep_ratio=keep)),
     ):
         result = run()
-        if settled and torch.get_num_threads() == result.threads:  # the run's count, or not now
+        if settled:
             settle(encoder, enc, key)
         out[name] = {"label": label, "comp": result.compression, "setting": setting,
                      "flops_ratio": result.flops_ratio, **timing(encoder, enc, result, key)}
