@@ -33,9 +33,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numba
+import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from torch import nn
 
 from ._checks import check_int, check_real
 from .merge import bipartite_match
@@ -122,14 +124,29 @@ def attention(attn, x: torch.Tensor, log_size: torch.Tensor | None = None):
     attention-output norm and the gate run as in timm. ``q``/``k`` are
     [1, H, T, d] after the q/k norms.
     """
-    b, t, _ = x.shape
+    out, q, k = _attention(attn, x[0], log_size)
+    return out[None], q[None], k[None]
+
+
+def _attention(attn, x: torch.Tensor, log_size: torch.Tensor | None):
+    """``attention`` on one sequence without its batch axis: x [T, C] -> (out [T, C], q, k [H, T, d]).
+
+    The forward loop's form: every Python-level operation between two blocks'
+    matrix multiplies costs tens of microseconds on a CPU (the multiplies
+    leave the caches cold), so identity layers are not called at all.
+    """
+    t = x.shape[0]
     gate = attn.gate(x).sigmoid() if attn.gate is not None else None
-    qkv = attn.qkv(x).reshape(b, t, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-    q, k, v = qkv.unbind(0)
-    q, k = attn.q_norm(q), attn.k_norm(k)
-    mask = None if log_size is None else log_size.to(q.dtype).view(1, 1, 1, t)
+    q, k, v = attn.qkv(x).view(t, 3, attn.num_heads, attn.head_dim).permute(1, 2, 0, 3).unbind(0)
+    if not isinstance(attn.q_norm, nn.Identity):
+        q = attn.q_norm(q)
+    if not isinstance(attn.k_norm, nn.Identity):
+        k = attn.k_norm(k)
+    mask = None if log_size is None else log_size.to(q.dtype).view(1, 1, t)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # default scale = head_dim ** -0.5
-    out = attn.norm(out.transpose(1, 2).reshape(b, t, attn.attn_dim))
+    out = out.transpose(0, 1).reshape(t, attn.attn_dim)
+    if not isinstance(attn.norm, nn.Identity):
+        out = attn.norm(out)
     if gate is not None:
         out = out * gate
     return attn.proj(out), q, k
@@ -165,6 +182,73 @@ def _merge_compiled(x, size, src, unm, dst, p, a0, new_x, new_size):  # pragma: 
     for j in range(keep):
         new_size[j] = size[a0 + 2 * unm[j]]
     new_size[keep:] = sb
+
+
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+def _best_edges_compiled(k, p, a0, best, arg):  # pragma: no cover
+    """Each A token's best B edge from the keys ``k`` [H, P + T, D] (any strides): the
+    metric is the keys summed over heads (the mean's cosines), made unit length; ``best``
+    [|A|] gets minus the largest cosine (an ascending stable sort then orders the edges
+    as ToMe's descending one), ``arg`` [|A|] the first B index that reaches it."""
+    heads, width = k.shape[0], k.shape[2]
+    t = k.shape[1] - p
+    na = best.shape[0]
+    nb = t - na
+    unit_a = np.empty((na, width), np.float32)
+    unit_bt = np.empty((width, nb), np.float32)  # B transposed: the inner loop below runs along B
+    row = np.empty(width, np.float32)
+    for j in range(t):
+        row[:] = 0.0
+        for h in range(heads):
+            for c in range(width):
+                row[c] += k[h, p + j, c]
+        norm = np.float32(0.0)
+        for c in range(width):
+            norm += row[c] * row[c]
+        norm = np.sqrt(norm)
+        if j % 2 == a0:  # position P + j even: A (ToMe's split, the prefix counted)
+            for c in range(width):
+                unit_a[(j - a0) // 2, c] = row[c] / norm
+        else:
+            for c in range(width):
+                unit_bt[c, (j - 1 + a0) // 2] = row[c] / norm
+    dots = np.empty(nb, np.float32)
+    for i in range(na):
+        dots[:] = 0.0
+        for c in range(width):
+            w = unit_a[i, c]
+            for j in range(nb):
+                dots[j] += w * unit_bt[c, j]
+        top, at = dots[0], 0
+        for j in range(1, nb):
+            if dots[j] > top:
+                top, at = dots[j], j
+        best[i] = -top
+        arg[i] = at
+
+
+@numba.njit(cache=True, nogil=True)
+def _tome_step_compiled(k, x, size, p, a0, r, sort_unm, new_x, new_size, new_log,
+                        src, unm, dst):  # pragma: no cover
+    """A whole ToMe step of a block in one compiled call: best edges from the keys, the r
+    best merged (stable order), the size-weighted merge (``_merge_compiled``) and the log
+    sizes the next block's proportional attention adds ([P + T - r], prefix 0)."""
+    na = (k.shape[1] - p + 1 - a0) // 2  # |A| = len(range(a0, T, 2))
+    best = np.empty(na, np.float32)
+    arg = np.empty(na, np.int64)
+    _best_edges_compiled(k, p, a0, best, arg)
+    order = np.argsort(best, kind="mergesort")  # stable: ties keep position order, as torch's stable sort
+    for j in range(r):
+        src[j] = order[j]
+        dst[j] = arg[order[j]]
+    rest = np.sort(order[r:]) if sort_unm else order[r:]
+    for j in range(na - r):
+        unm[j] = rest[j]
+    _merge_compiled(x, size, src, unm, dst, p, a0, new_x, new_size)
+    for i in range(p):
+        new_log[i] = 0.0
+    for j in range(new_size.shape[0]):
+        new_log[p + j] = np.log(new_size[j])
 
 
 def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int,
@@ -223,6 +307,36 @@ def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r
     return new_x, torch.cat([sa.index_select(0, unm), sb]), (src, unm, dst)
 
 
+def merge_on_keys(x: torch.Tensor, size: torch.Tensor, k: torch.Tensor, r: int,
+                  num_prefix: int = 0) -> tuple[torch.Tensor, torch.Tensor, tuple, torch.Tensor]:
+    """One block's ToMe step from its keys: ``bipartite_merge`` with the keys ``k`` [H, P + T, d]
+    summed over heads as the metric (the mean over heads: the same cosines, one division less).
+
+    Returns (x [P + T - r, C], size [T - r], match, log_size [P + T - r]): ``log_size`` is
+    what the next block's proportional attention adds (0 for the prefix). On a CPU in
+    float32 without autograd the whole step is one compiled call (``_tome_step_compiled``;
+    the same match as the torch operations up to the rounding of the cosines, the same
+    merge bit for bit, tested); elsewhere it runs as torch operations.
+    """
+    p = num_prefix
+    t = x.shape[0] - p
+    r = min(r, t // 2)
+    if (r <= 0 or x.device.type != "cpu" or torch.is_grad_enabled()
+            or not x.dtype == k.dtype == size.dtype == torch.float32):
+        new_x, new_size, match = bipartite_merge(x, size, k[:, p:].sum(dim=0), r, p)
+        return new_x, new_size, match, F.pad(new_size.log(), (p, 0))
+    a0 = p % 2
+    na = len(range(a0, t, 2))
+    new_x, new_size = torch.empty(x.shape[0] - r, x.shape[1]), torch.empty(t - r)
+    new_log = torch.empty(p + t - r)
+    src, dst = torch.empty(r, dtype=torch.long), torch.empty(r, dtype=torch.long)
+    unm = torch.empty(na - r, dtype=torch.long)
+    _tome_step_compiled(k.numpy(), x.contiguous().numpy(), size.contiguous().numpy(), p, a0, r, p > 0,
+                        new_x.numpy(), new_size.numpy(), new_log.numpy(), src.numpy(), unm.numpy(),
+                        dst.numpy())
+    return new_x, new_size, (src, unm, dst), new_log
+
+
 def merge_where(t: int, num_prefix: int, match: tuple) -> torch.Tensor:
     """[T]: the index each of the T tokens has after ``bipartite_merge`` returned ``match``."""
     src, unm, dst = match
@@ -270,14 +384,14 @@ def keep_where(t: int, top: torch.Tensor, fuse: bool) -> torch.Tensor:
 
 
 def received_attention(q: torch.Tensor, k: torch.Tensor, scale: float, step: int = 1024) -> torch.Tensor:
-    """Mean attention each token receives over all queries and heads, [T] (q, k: [1, H, T, d])."""
-    total = q.shape[2]
+    """Mean attention each token receives over all queries and heads, [T] (q, k: [H, T, d])."""
+    total = q.shape[1]
     acc = torch.zeros(total, device=q.device)
-    kt = k[0].float().transpose(-1, -2)
+    kt = k.float().transpose(-1, -2)
     for start in range(0, total, step):
-        logits = (q[0, :, start:start + step].float() * scale) @ kt
+        logits = (q[:, start:start + step].float() * scale) @ kt
         acc += logits.softmax(-1).sum(dim=(0, 1))
-    return acc / (total * q.shape[1])
+    return acc / (total * q.shape[0])
 
 
 # ---------------------------------------------------------------- FLOPs
@@ -333,23 +447,27 @@ class _State:
 
     def __init__(self, n: int, device: torch.device):
         self.size = torch.ones(n, device=device)  # patch-side token sizes
-        self.merged = False  # whether any size differs from 1 (proportional attention needed)
+        # [P + T]: log size, what proportional attention adds to the logits; None: all sizes 1
+        self.log_size: torch.Tensor | None = None
         self.moves: dict[int, Callable[[_Tracks], None]] = {}  # block -> its relabelling, run afterwards
         self.scores: dict[int, torch.Tensor] = {}
 
 
-# step(block index, x [1, P + T, C] after attention, q, k [1, H, P + T, d], state) -> x
+# step(block index, x [P + T, C] after attention, q, k [H, P + T, d], state) -> x
 Step = Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor, _State], torch.Tensor]
 
 
 @torch.no_grad()
-def _run(encoder, image, size: int, keep_aspect: bool, step: Step | None, prop_attn: bool,
+def _run(encoder, image, size: int, keep_aspect: bool, step: Step | None,
          strategy: str, params: dict, profile: bool = False,
          validate: Callable[[int], None] | None = None) -> InsideResult:
     """The block loop; ``validate(N)`` runs once the grid is known, before the network.
 
-    The per-patch covers are not needed by the network: each block records
-    its match, and the covers are rebuilt from those after the timed forward.
+    timm's pre-norm block on the one sequence (no batch axis), in eval mode
+    (drop-path and dropout are identities and not called), with the step
+    between attention and MLP. The per-patch covers are not needed by the
+    network: each block records its match, and the covers are rebuilt from
+    those after the timed forward.
     """
     check_supported(encoder)
     resized, pixels, grid = encoder.preprocess(image, size, keep_aspect)
@@ -367,11 +485,10 @@ def _run(encoder, image, size: int, keep_aspect: bool, step: Step | None, prop_a
     sync()
     start = TIMER()
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-        x = encoder.embed(pixels, net)
+        x = encoder.embed(pixels, net)[0]
         for i, blk in enumerate(net.blocks):
-            log_size = F.pad(state.size.log(), (p, 0)) if prop_attn and state.merged else None
-            a, q, k = attention(blk.attn, blk.norm1(x), log_size)
-            x = x + blk.drop_path1(blk.ls1(a))
+            a, q, k = _attention(blk.attn, blk.norm1(x), state.log_size)
+            x = _residual(x, blk.ls1, a)
             if step is not None:
                 if profile:
                     sync()
@@ -380,8 +497,8 @@ def _run(encoder, image, size: int, keep_aspect: bool, step: Step | None, prop_a
                 if profile:
                     sync()
                 merge_s += TIMER() - t0
-            counts.append(x.shape[1] - p)
-            x = x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+            counts.append(x.shape[0] - p)
+            x = _residual(x, blk.ls2, _mlp(blk.mlp, blk.norm2(x)))
         x = net.norm(x)
     sync()
     forward_ms = (TIMER() - start) * 1e3
@@ -390,7 +507,7 @@ def _run(encoder, image, size: int, keep_aspect: bool, step: Step | None, prop_a
         if i in state.moves:
             state.moves[i](tracks)
         covers.append(tracks.labels)
-    x = x[0].float()
+    x = x.float()
     tokens, prefix = x[p:].contiguous(), x[:p].contiguous()
     labels = tracks.labels
     sizes = torch.bincount(labels[labels >= 0], minlength=tokens.shape[0]).float()
@@ -404,6 +521,29 @@ def _run(encoder, image, size: int, keep_aspect: bool, step: Step | None, prop_a
         plain_flops=forward_flops(net, [n] * (len(net.blocks) + 1), p), scores=state.scores,
         threads=torch.get_num_threads(),
     )
+
+
+def _residual(x: torch.Tensor, scale: nn.Module, branch: torch.Tensor) -> torch.Tensor:
+    """x + scale(branch), in place (x is the loop's own); LayerScale is usually folded
+    into the linear layer before it at load, leaving an identity."""
+    return x.add_(branch if isinstance(scale, nn.Identity) else scale(branch))
+
+
+def _mlp(mlp: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """timm's ``Mlp`` without calling its identity layers (dropouts in eval, no norm); other
+    MLP kinds (GLU, SwiGLU) run as they are."""
+    if type(mlp) is not _timm_mlp():
+        return mlp(x)
+    x = mlp.act(mlp.fc1(x))
+    if not isinstance(mlp.norm, nn.Identity):
+        x = mlp.norm(x)
+    return mlp.fc2(x)
+
+
+def _timm_mlp() -> type:
+    from timm.layers import Mlp
+
+    return Mlp
 
 
 def _compression(tokens, tracks: _Tracks, sizes: torch.Tensor, strategy: str, params: dict,
@@ -424,7 +564,7 @@ def _compression(tokens, tracks: _Tracks, sizes: torch.Tensor, strategy: str, pa
 def plain_forward(encoder, image, size: int = 336, keep_aspect: bool = False,
                   profile: bool = False) -> InsideResult:
     """The reference: the same block loop with no reduction (its tokens equal ``encode``'s)."""
-    return _run(encoder, image, size, keep_aspect, None, False, "plain", {"size": size}, profile)
+    return _run(encoder, image, size, keep_aspect, None, "plain", {"size": size}, profile)
 
 
 # ---------------------------------------------------------------- ToMe
@@ -493,17 +633,15 @@ def tome_forward(encoder, image, size: int = 336, r=8, keep_aspect: bool = False
             )
 
     def step(i, x, _q, k, state: _State) -> torch.Tensor:
-        t = x.shape[1] - p
+        t = x.shape[0] - p
         if min(schedule[i], t // 2) <= 0:
             return x
-        metric = k[0, :, p:].sum(dim=0)  # the mean over heads times H: the same cosines, one op less
-        merged, state.size, match = bipartite_merge(x[0], state.size, metric, schedule[i], p)
-        state.merged = True
+        merged, state.size, match, state.log_size = merge_on_keys(x, state.size, k, schedule[i], p)
         state.moves[i] = lambda tracks: tracks.move(merge_where(t, p, match))
-        return merged[None]
+        return merged
 
     params = {"r": r, "schedule": schedule, "size": size, "keep_aspect": keep_aspect}
-    return _run(encoder, image, size, keep_aspect, step, True, "tome_inside", params, profile, validate)
+    return _run(encoder, image, size, keep_aspect, step, "tome_inside", params, profile, validate)
 
 
 # ---------------------------------------------------------------- EViT
@@ -562,23 +700,23 @@ def prune_forward(encoder, image, size: int = 336, keep_ratio: float = 0.7, bloc
     scale = encoder.net.blocks[0].attn.scale
 
     def step(i, x, q, k, state: _State) -> torch.Tensor:
-        t = x.shape[1] - p
+        t = x.shape[0] - p
         keep = evit_keep(keep_ratio, t)
         if i not in blocks or keep >= t:
             return x
         if has_cls:
-            logits = (q[0, :, :1].float() * scale) @ k[0].float().transpose(-1, -2)
+            logits = (q[:, :1].float() * scale) @ k.float().transpose(-1, -2)
             score = logits.softmax(-1)[:, 0, p:].mean(dim=0)
         else:
             score = received_attention(q, k, scale)[p:]
         state.scores[i] = score
-        out, top = attentive_keep(x[0, p:], score, keep, fuse)
+        out, top = attentive_keep(x[p:], score, keep, fuse)
         state.moves[i] = lambda tracks: tracks.move(keep_where(t, top, fuse), score, keep if fuse else -1)
-        return torch.cat([x[:, :p], out[None]], dim=1)
+        return torch.cat([x[:p], out])
 
     params = {"keep_ratio": keep_ratio, "blocks": blocks, "fuse": fuse, "size": size,
               "keep_aspect": keep_aspect, "score": "cls" if has_cls else "received"}
-    return _run(encoder, image, size, keep_aspect, step, False, "prune_inside", params, profile)
+    return _run(encoder, image, size, keep_aspect, step, "prune_inside", params, profile)
 
 
 # ---------------------------------------------------------------- budgets and agreement

@@ -524,10 +524,10 @@ def dart(enc: Encoding, target: int, pivots: int = DART_PIVOTS, pivot_by: str = 
 
 
 def compile_kernels() -> None:
-    """Compile the compiled loops (VisPruner's rounds, ``knn.nearest``, the ToMe merge inside the
-    ViT), or load them from numba's cache: ~25 s once after a fresh checkout, so the app runs
-    this at start-up, in the background, and no request waits for it."""
-    from .inside import bipartite_merge  # here: inside imports this module
+    """Compile the compiled loops (VisPruner's rounds, ``knn.nearest``, the ToMe merge and step
+    inside the ViT), or load them from numba's cache: ~25 s once after a fresh checkout, so the
+    app runs this at start-up, in the background, and no request waits for it."""
+    from .inside import bipartite_merge, merge_on_keys  # here: inside imports this module
 
     gen = torch.Generator().manual_seed(0)
     unit = F.normalize(torch.randn(40, 4, generator=gen), dim=1)
@@ -535,3 +535,5 @@ def compile_kernels() -> None:
     nearest(unit, 2, "sqdist", panel=8, with_extreme=True)
     with torch.no_grad():
         bipartite_merge(torch.randn(41, 4, generator=gen), torch.ones(40), unit, 4, num_prefix=1)
+        keys = torch.randn(41, 3, 2, 4, generator=gen).permute(1, 2, 0, 3)[1]  # as a qkv output's view
+        merge_on_keys(torch.randn(41, 4, generator=gen), torch.ones(40), keys, 4, num_prefix=1)

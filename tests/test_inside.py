@@ -18,6 +18,7 @@ from compress.inside import (
     forward_flops,
     keep_for_budget,
     keep_where,
+    merge_on_keys,
     merge_where,
     output_agreement,
     parse_r,
@@ -144,6 +145,32 @@ def test_compiled_merge_equals_torch_ops_bit_for_bit(prefix, ties):
             ref = bipartite_merge(x, size, metric, r, num_prefix=prefix)
         assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
         assert all(torch.equal(a, b) for a, b in zip(fast[2], ref[2], strict=True))
+
+
+@pytest.mark.parametrize("prefix", [0, 1, 4])
+@pytest.mark.parametrize("ties", [False, True])
+def test_compiled_step_on_keys_equals_the_torch_step(prefix, ties):
+    # The forward's ToMe step (keys summed over heads, best edges, stable order, merge and the
+    # next block's log sizes) in one compiled call, against the torch operations. With ties:
+    # duplicated keys, so equal cosines are computed from equal numbers on both sides and the
+    # stable order and the first maximum decide.
+    gen = torch.Generator().manual_seed(prefix + 10 * ties)
+    for t, r in ((9, 3), (40, 11), (41, 20), (256, 16), (7, 0)):
+        x = torch.randn(prefix + t, 24, generator=gen)
+        size = torch.randint(1, 5, (t,), generator=gen).float()
+        keys = torch.randn(3, prefix + t, 8, generator=gen)
+        if ties:
+            keys[:, prefix + 5:] = keys[:, prefix + 5:prefix + 7].repeat(1, t, 1)[:, :t - 5]
+        strided = torch.randn(prefix + t, 3, 3, 8, generator=gen).permute(1, 2, 0, 3)[1]
+        strided.copy_(keys)  # the layout the forward passes: a view into the qkv output
+        with torch.no_grad():
+            fast = merge_on_keys(x, size, strided, r, num_prefix=prefix)
+        with torch.enable_grad():
+            ref = merge_on_keys(x, size, keys, r, num_prefix=prefix)
+        assert all(torch.equal(a, b) for a, b in zip(fast[2], ref[2], strict=True)), (t, r)
+        assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
+        assert torch.allclose(fast[3], ref[3]) and bool((fast[3][:prefix] == 0).all())
+        assert fast[3].shape == (prefix + t - min(r, t // 2),)
 
 
 def test_r_is_capped_at_half_the_mergeable_tokens():
