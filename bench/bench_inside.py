@@ -8,9 +8,11 @@ compressed forward are timed in turns within one run (plain, r=4, r=8, ...,
 then again), so background load hits them alike; medians over the repeats
 after one warm-up. Columns: tokens left at the output, FLOPs ratio
 (``forward_flops``), forward ms, speedup over the plain forward, the FLOPs
-speedup (1 / ratio), their quotient (target >= 0.85) and the share of the
-forward spent matching and merging (target <= 10 %; on a GPU measured in
-separate runs with a sync around each merge).
+speedup (1 / ratio), their quotient (target >= 0.85), the same quotient for
+``cut_forward`` at the method's counts (the loop cut to those counts for free,
+timed in the same turns: the most any method with these counts can reach here)
+and the share of the forward spent matching and merging (target <= 10 %; on a
+GPU measured in separate runs with a sync around each merge).
 
 ``--clock cpu`` (one thread only) reads the thread's CPU time instead of the
 wall clock: on a machine shared with other work, time spent waiting for a
@@ -35,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 import compress.inside as inside  # noqa: E402
 from compress import Encoder, device_label  # noqa: E402
 from compress.inside import (  # noqa: E402
+    cut_forward,
     plain_forward,
     prune_forward,
     r_for_budget,
@@ -86,8 +89,8 @@ def main() -> None:
           f"repeats {args.repeat} (median, interleaved); clock {args.clock}")
     print()
     print("| px | N | forward | tokens left | FLOPs ratio | ms | speedup | FLOPs speedup "
-          "| speedup / FLOPs speedup | merge share | ok |")
-    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :-: |")
+          "| speedup / FLOPs speedup | free cut: speedup / FLOPs speedup | merge share | ok |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | :-: |")
     for size in args.sizes:
         n = (size // encoder.patch_size) ** 2
         configs = [("plain", lambda s=size: plain_forward(encoder, image, s))]
@@ -108,9 +111,12 @@ def main() -> None:
                     torch.cuda.synchronize()
                 return (inside.TIMER() - start) * 1e3
 
+        last = {label: fn() for label, fn in configs}  # warm-up; gives each method's counts
+        methods = [label for label, _ in configs if label != "plain"]
+        configs += [(f"{label} cut", lambda s=size, c=last[label].counts: cut_forward(encoder, image, s, c))
+                    for label in methods]
         times: dict[str, list[float]] = {label: [] for label, _ in configs}
         shares: dict[str, list[float]] = {label: [] for label, _ in configs}
-        last = {}
         timm_ms = []
         for rep in range(args.repeat + 1):
             for label, fn in configs:
@@ -125,9 +131,7 @@ def main() -> None:
             if rep:
                 timm_ms.append(ms)
         if gpu:  # merge share with a sync around every merge, in separate runs
-            for label, _ in configs:
-                if label == "plain":
-                    continue
+            for label in methods:
                 for _ in range(3):
                     kw = last[label].params
                     if label.startswith("ToMe"):
@@ -137,8 +141,8 @@ def main() -> None:
                     shares[label].append(out.merge_ms / out.forward_ms)
         plain_ms = statistics.median(times["plain"])
         print(f"| {size} | {n} | timm forward_features (check) | {n} | 1.000 | "
-              f"{statistics.median(timm_ms):.1f} | {plain_ms / statistics.median(timm_ms):.2f} | | | | |")
-        for label, _ in configs:
+              f"{statistics.median(timm_ms):.1f} | {plain_ms / statistics.median(timm_ms):.2f} | | | | | |")
+        for label in ["plain"] + methods:
             out = last[label]
             ms = statistics.median(times[label])
             speedup = plain_ms / ms
@@ -150,8 +154,11 @@ def main() -> None:
             else:
                 ok = "yes" if eff >= TARGET_EFFICIENCY and (share or 0) <= TARGET_MERGE_SHARE else "NO"
             share_s = "" if label == "plain" else f"{100 * share:.1f} %"
+            bound = ""
+            if label != "plain":
+                bound = f"{plain_ms / statistics.median(times[label + ' cut']) / flops_speedup:.2f}"
             print(f"| {size} | {n} | {label} | {out.counts[-1]} | {out.flops_ratio:.3f} | {ms:.1f} | "
-                  f"{speedup:.2f} | {flops_speedup:.2f} | {eff:.2f} | {share_s} | {ok} |")
+                  f"{speedup:.2f} | {flops_speedup:.2f} | {eff:.2f} | {bound} | {share_s} | {ok} |")
         sys.stdout.flush()
     if not gpu:
         block_throughput(encoder, args.repeat)

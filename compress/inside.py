@@ -13,7 +13,8 @@ works on fewer tokens and the saving compounds with depth:
   youweiliang/evit ``evit.py``). At chosen blocks the ceil(keep_ratio * T)
   tokens with the highest CLS attention (head mean) are kept, the rest are
   fused into one token (or discarded).
-- ``plain_forward``: the same loop with no reduction, the reference.
+- ``plain_forward``: the same loop with no reduction, the reference;
+  ``cut_forward``: the loop cut to given counts for free, the yardstick of speed.
 
 All return an ``InsideResult``: the final tokens, their sizes, for every block
 which patches each token covers, and a ``Compression`` for the final tokens so
@@ -185,62 +186,44 @@ def _merge_compiled(x, size, src, unm, dst, p, a0, new_x, new_size):  # pragma: 
 
 
 @numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
-def _best_edges_compiled(k, p, a0, best, arg):  # pragma: no cover
-    """Each A token's best B edge from the keys ``k`` [H, P + T, D] (any strides): the
-    metric is the keys summed over heads (the mean's cosines), made unit length; ``best``
-    [|A|] gets minus the largest cosine (an ascending stable sort then orders the edges
-    as ToMe's descending one), ``arg`` [|A|] the first B index that reaches it."""
-    heads, width = k.shape[0], k.shape[2]
-    t = k.shape[1] - p
-    na = best.shape[0]
-    nb = t - na
-    unit_a = np.empty((na, width), np.float32)
-    unit_bt = np.empty((width, nb), np.float32)  # B transposed: the inner loop below runs along B
+def _unit_keys_compiled(rows, col, heads, width, p, a0, unit_a, unit_b):  # pragma: no cover
+    """ToMe's matching metric from the keys: ``rows`` [P + T, *] (C order) holds head h's key of
+    token i at ``rows[i, col + h * width:][:width]``; the patch-side keys summed over heads
+    (the mean's cosines, one division less), made unit length and split into ToMe's A and
+    B sets (``unit_a`` [|A|, D], ``unit_b`` [|B|, D]), in one pass."""
     row = np.empty(width, np.float32)
-    for j in range(t):
-        row[:] = 0.0
-        for h in range(heads):
+    for j in range(rows.shape[0] - p):
+        keys = rows[p + j, col:col + heads * width]
+        row[:] = keys[:width]
+        for h in range(1, heads):
             for c in range(width):
-                row[c] += k[h, p + j, c]
+                row[c] += keys[h * width + c]
         norm = np.float32(0.0)
         for c in range(width):
             norm += row[c] * row[c]
         norm = np.sqrt(norm)
-        if j % 2 == a0:  # position P + j even: A (ToMe's split, the prefix counted)
-            for c in range(width):
-                unit_a[(j - a0) // 2, c] = row[c] / norm
-        else:
-            for c in range(width):
-                unit_bt[c, (j - 1 + a0) // 2] = row[c] / norm
-    dots = np.empty(nb, np.float32)
-    for i in range(na):
-        dots[:] = 0.0
+        out = unit_a[(j - a0) // 2] if j % 2 == a0 else unit_b[(j - 1 + a0) // 2]  # position P + j even: A
         for c in range(width):
-            w = unit_a[i, c]
-            for j in range(nb):
-                dots[j] += w * unit_bt[c, j]
-        top, at = dots[0], 0
-        for j in range(1, nb):
-            if dots[j] > top:
-                top, at = dots[j], j
-        best[i] = -top
-        arg[i] = at
+            out[c] = row[c] / norm
 
 
 @numba.njit(cache=True, nogil=True)
-def _tome_step_compiled(k, x, size, p, a0, r, sort_unm, new_x, new_size, new_log,
-                        src, unm, dst):  # pragma: no cover
-    """A whole ToMe step of a block in one compiled call: best edges from the keys, the r
-    best merged (stable order), the size-weighted merge (``_merge_compiled``) and the log
+def _match_merge_compiled(scores, best, x, size, p, a0, r, sort_unm, new_x, new_size, new_log,
+                          src, unm, dst):  # pragma: no cover
+    """The rest of a block's ToMe step in one call, given the cosines ``scores`` [|A|, |B|]
+    and each A token's best one, ``best`` [|A|] (row maxima): the r best edges merged (a
+    stable order: ties keep position order, as torch's stable sort) into the first B token
+    that reaches the maximum, the size-weighted merge (``_merge_compiled``) and the log
     sizes the next block's proportional attention adds ([P + T - r], prefix 0)."""
-    na = (k.shape[1] - p + 1 - a0) // 2  # |A| = len(range(a0, T, 2))
-    best = np.empty(na, np.float32)
-    arg = np.empty(na, np.int64)
-    _best_edges_compiled(k, p, a0, best, arg)
-    order = np.argsort(best, kind="mergesort")  # stable: ties keep position order, as torch's stable sort
+    na = scores.shape[0]
+    order = np.argsort(-best, kind="mergesort")  # ascending -cosine = descending cosine
     for j in range(r):
-        src[j] = order[j]
-        dst[j] = arg[order[j]]
+        i = order[j]
+        src[j] = i
+        at = 0
+        while scores[i, at] != best[i]:
+            at += 1
+        dst[j] = at
     rest = np.sort(order[r:]) if sort_unm else order[r:]
     for j in range(na - r):
         unm[j] = rest[j]
@@ -249,6 +232,21 @@ def _tome_step_compiled(k, x, size, p, a0, r, sort_unm, new_x, new_size, new_log
         new_log[i] = 0.0
     for j in range(new_size.shape[0]):
         new_log[p + j] = np.log(new_size[j])
+
+
+def _key_rows(k: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """``k`` [H, P + T, D] as (rows, col) for ``_unit_keys_compiled``, without a copy when ``k``
+    is the qkv output's view (rows: the whole qkv output, col: where the keys start)."""
+    heads, t, width = k.shape
+    step_h, row_len, step_c = k.stride()
+    col = heads * width  # the keys sit after the queries
+    base = k.storage_offset() - col
+    if step_h == width and step_c == 1 and row_len >= 2 * col and base >= 0:
+        try:
+            return k.as_strided((t, row_len), (row_len, 1), base), col
+        except RuntimeError:  # the rows would run past the storage: not a qkv output
+            pass
+    return k.transpose(0, 1).reshape(t, heads * width), 0
 
 
 def bipartite_merge(x: torch.Tensor, size: torch.Tensor, metric: torch.Tensor, r: int,
@@ -314,9 +312,10 @@ def merge_on_keys(x: torch.Tensor, size: torch.Tensor, k: torch.Tensor, r: int,
 
     Returns (x [P + T - r, C], size [T - r], match, log_size [P + T - r]): ``log_size`` is
     what the next block's proportional attention adds (0 for the prefix). On a CPU in
-    float32 without autograd the whole step is one compiled call (``_tome_step_compiled``;
-    the same match as the torch operations up to the rounding of the cosines, the same
-    merge bit for bit, tested); elsewhere it runs as torch operations.
+    float32 without autograd the step is two compiled calls around one matrix multiply
+    (``_unit_keys_compiled``, the cosines, ``_match_merge_compiled``: the same match as the
+    torch operations up to the rounding of the cosines, the same merge bit for bit,
+    tested); elsewhere it runs as torch operations.
     """
     p = num_prefix
     t = x.shape[0] - p
@@ -327,13 +326,18 @@ def merge_on_keys(x: torch.Tensor, size: torch.Tensor, k: torch.Tensor, r: int,
         return new_x, new_size, match, F.pad(new_size.log(), (p, 0))
     a0 = p % 2
     na = len(range(a0, t, 2))
+    unit_a, unit_b = torch.empty(na, k.shape[2]), torch.empty(t - na, k.shape[2])
+    rows, col = _key_rows(k)
+    _unit_keys_compiled(rows.numpy(), col, k.shape[0], k.shape[2], p, a0, unit_a.numpy(), unit_b.numpy())
+    scores = unit_a @ unit_b.T  # the steps over all T^2 / 4 edges: torch's, multithreaded
+    best = scores.amax(dim=-1)
     new_x, new_size = torch.empty(x.shape[0] - r, x.shape[1]), torch.empty(t - r)
     new_log = torch.empty(p + t - r)
     src, dst = torch.empty(r, dtype=torch.long), torch.empty(r, dtype=torch.long)
     unm = torch.empty(na - r, dtype=torch.long)
-    _tome_step_compiled(k.numpy(), x.contiguous().numpy(), size.contiguous().numpy(), p, a0, r, p > 0,
-                        new_x.numpy(), new_size.numpy(), new_log.numpy(), src.numpy(), unm.numpy(),
-                        dst.numpy())
+    _match_merge_compiled(scores.numpy(), best.numpy(), x.contiguous().numpy(), size.contiguous().numpy(),
+                          p, a0, r, p > 0, new_x.numpy(), new_size.numpy(), new_log.numpy(), src.numpy(),
+                          unm.numpy(), dst.numpy())
     return new_x, new_size, (src, unm, dst), new_log
 
 
@@ -565,6 +569,41 @@ def plain_forward(encoder, image, size: int = 336, keep_aspect: bool = False,
                   profile: bool = False) -> InsideResult:
     """The reference: the same block loop with no reduction (its tokens equal ``encode``'s)."""
     return _run(encoder, image, size, keep_aspect, None, "plain", {"size": size}, profile)
+
+
+def cut_forward(encoder, image, size: int = 336, counts: Sequence[int] = (),
+                keep_aspect: bool = False) -> InsideResult:
+    """The block loop with the patch-side count after block i cut to ``counts[i + 1]`` by
+    dropping the last tokens: a reduction that costs nothing and chooses nothing.
+
+    Not a method but a yardstick: the same loop, linear layers and attention at the same
+    sizes as a method whose ``InsideResult.counts`` these are, with no matching, no
+    scoring and no proportional attention. ``plain_forward``'s time over this one bounds
+    the speed-up any method with these counts can reach on the machine; where that bound
+    falls short of the FLOPs count's, the time goes to what FLOPs do not count (reading
+    the weights, fixed costs per operation), not to the method. ``counts``: [depth + 1],
+    ``counts[0]`` = N, never rising, at least 1.
+    """
+    depth = len(encoder.net.blocks)
+    counts = [check_int(f"counts[{i}]", c, 1) for i, c in enumerate(counts)]
+    if len(counts) != depth + 1 or any(b > a for a, b in zip(counts, counts[1:], strict=False)):
+        raise ValueError(f"counts must be {depth + 1} patch-side counts that never rise, got {counts}")
+    p = encoder.num_prefix
+
+    def validate(n: int) -> None:
+        if counts[0] != n:
+            raise ValueError(f"counts[0] must be the {n} patches of this image at {size} px, got {counts[0]}")
+
+    def step(i, x, _q, _k, state: _State) -> torch.Tensor:
+        t, keep = x.shape[0] - p, counts[i + 1]
+        if keep >= t:
+            return x
+        where = torch.arange(t, device=x.device)
+        state.moves[i] = lambda tracks: tracks.move(torch.where(where < keep, where, -1))
+        return x[:p + keep]
+
+    params = {"counts": counts, "size": size, "keep_aspect": keep_aspect}
+    return _run(encoder, image, size, keep_aspect, step, "cut", params, False, validate)
 
 
 # ---------------------------------------------------------------- ToMe

@@ -165,12 +165,14 @@ def test_compiled_step_on_keys_equals_the_torch_step(prefix, ties):
         strided.copy_(keys)  # the layout the forward passes: a view into the qkv output
         with torch.no_grad():
             fast = merge_on_keys(x, size, strided, r, num_prefix=prefix)
+            copied = merge_on_keys(x, size, keys, r, num_prefix=prefix)  # keys in another layout
         with torch.enable_grad():
             ref = merge_on_keys(x, size, keys, r, num_prefix=prefix)
-        assert all(torch.equal(a, b) for a, b in zip(fast[2], ref[2], strict=True)), (t, r)
-        assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
-        assert torch.allclose(fast[3], ref[3]) and bool((fast[3][:prefix] == 0).all())
-        assert fast[3].shape == (prefix + t - min(r, t // 2),)
+        for out in (fast, copied):
+            assert all(torch.equal(a, b) for a, b in zip(out[2], ref[2], strict=True)), (t, r)
+            assert torch.equal(out[0], ref[0]) and torch.equal(out[1], ref[1])
+            assert torch.allclose(out[3], ref[3]) and bool((out[3][:prefix] == 0).all())
+            assert out[3].shape == (prefix + t - min(r, t // 2),)
 
 
 def test_r_is_capped_at_half_the_mergeable_tokens():
