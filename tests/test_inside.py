@@ -15,6 +15,7 @@ from compress.inside import (
     attention,
     attentive_keep,
     bipartite_merge,
+    cut_forward,
     forward_flops,
     keep_for_budget,
     keep_where,
@@ -200,6 +201,23 @@ def test_without_prefix_the_round_is_the_post_hoc_bipartite_round(no_cls):
     enc0 = no_cls.encode(COFFEE, size=64, layer=0)
     _, members = bipartite_round(enc0.k.mean(dim=0), torch.eye(16), 4)
     assert torch.equal(out.covers[0], members.argmax(dim=0))
+
+
+def test_cut_forward_follows_the_counts_for_free(encoder):
+    # The speed yardstick: the same loop cut to a method's counts by dropping the last tokens.
+    counts = tome_counts(256, [16] * 12)
+    cut = cut_forward(encoder, COFFEE, 224, counts)
+    assert cut.counts == counts and cut.merge_ms is not None
+    assert cut.flops == tome_forward(encoder, COFFEE, 224, r=16).flops
+    assert cut.covers[0].tolist() == list(range(240)) + [-1] * 16  # the last 16 patches dropped
+    assert torch.equal(cut_forward(encoder, COFFEE, 224, [256] * 13).tokens,
+                       plain_forward(encoder, COFFEE, 224).tokens)
+    with pytest.raises(ValueError, match="13 patch-side counts that never rise"):
+        cut_forward(encoder, COFFEE, 224, [256] * 12)
+    with pytest.raises(ValueError, match="never rise"):
+        cut_forward(encoder, COFFEE, 224, [256, 100, 200] + [50] * 10)
+    with pytest.raises(ValueError, match="the 256 patches of this image at 224 px"):
+        cut_forward(encoder, COFFEE, 224, [576] + [50] * 12)
 
 
 # --- proportional attention ---------------------------------------------------------------
