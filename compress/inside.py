@@ -143,8 +143,9 @@ def _attention(attn, x: torch.Tensor, log_size: torch.Tensor | None):
         q = attn.q_norm(q)
     if not isinstance(attn.k_norm, nn.Identity):
         k = attn.k_norm(k)
-    mask = None if log_size is None else log_size.to(q.dtype).view(1, 1, t)
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)  # default scale = head_dim ** -0.5
+    mask = None if log_size is None else log_size.to(q.dtype).view(1, 1, 1, t)
+    # with a batch axis: the fused kernels (flash, memory-efficient) take 4-D inputs only
+    out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask)[0]  # scale d^-0.5
     out = out.transpose(0, 1).reshape(t, attn.attn_dim)
     if not isinstance(attn.norm, nn.Identity):
         out = attn.norm(out)
