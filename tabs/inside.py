@@ -39,7 +39,11 @@ attention; clusters grow with depth. *EViT* (Liang et al., ICLR 2022) keeps the 
 attends to most at chosen blocks and fuses the rest into one token (or drops them). Move *Show after
 block* to watch the clusters (or kept patches) form. The numbers compare this forward with the plain one
 on the same image: FLOPs, measured time, and what survives at the output (each patch's final token
-against the plain forward's, the CLS token, and the saliency head downstream)."""
+against the plain forward's, the CLS token, and the saliency head downstream). *A free cut* drops as
+many tokens at every block for nothing (the last ones, no matching): the most any method with these
+token counts can gain on this machine. Where it falls short of the FLOPs, the machine is why (few
+tokens use the cores less well, and every block still reads its weights); the rest is the method's own
+work."""
 
 
 def stats_md(p) -> str:
@@ -51,28 +55,30 @@ def stats_md(p) -> str:
     merge = "" if s["merge_ms"] is None else (f" · reducing {s['merge_ms']:.0f} ms "
                                                  f"({s['merge_ms'] / s['forward_ms']:.0%})")
     cls = "" if s["cls_cosine"] is None else f" · CLS cos **{s['cls_cosine']:.4f}**"
+    cut = "" if s.get("cut_speedup") is None else f" · a free cut to these counts: {s['cut_speedup']:.2f}x"
     dropped = (f" (on the {1 - s['discarded_share']:.0%} still covered)"
                if s["discarded_share"] else "")
     return (f"### {s['N']} → {s['M']} tokens at the output ({what})\n"
             f"after block {s['block']}: {s['tokens_at_block']} tokens · FLOPs **{s['flops_ratio']:.0%}** "
             f"of the plain forward · forward {s['forward_ms']:.0f} ms vs plain {s['plain_ms']:.0f} ms "
-            f"({threads_label(s['threads'])}, {runs_label(s)}): **{s['speedup']:.2f}x**{merge}  \n"
+            f"({threads_label(s['threads'])}, {runs_label(s)}): **{s['speedup']:.2f}x**{cut}{merge}  \n"
             f"what survives: final patch tokens cos **{s['patch_cosine']:.4f}**{dropped}{cls}")
 
 
-SETTLE_PAUSE_S = 0.5  # the page draws the first answer before the forwards are timed again
+SETTLE_PAUSE_S = 1.0  # the page draws the first answer before the forwards are timed again
 
 
 @guarded
 def settled(session, method: str, r: int, keep: float, fuse: bool, blocks: list, _block: int,
             pause: float = SETTLE_PAUSE_S):
-    """[stats]: the shown run's numbers once its forward and the plain one have been timed again
-    in turns (``viz.inside.settle``). A first run shares the CPU with the server's own work on
-    the request and, on a laptop, with the browser drawing the answer: in the app it read ToMe
-    at r = 36 as 159 ms where the same forward took 113 ms a moment later. So the page first
-    draws (``pause``), then both forwards run again; only for a person alone on the server
-    (with others, the run would cost them a core and still time a busy CPU). Skipped when the
-    tab shows another setting by now, or the cores are not the run's."""
+    """[stats]: the shown run's numbers once its forward, the plain one and the free cut to its
+    counts have been timed again in turns (``viz.inside.settle``). A first run shares the CPU
+    with the server's own work on the request and, on a laptop, with the browser drawing the
+    answer: in the app it read ToMe at r = 36 as 159 ms where the same forward took 113 ms a
+    moment later. So the page first draws (``pause``), then the forwards run again; only for a
+    person alone on the server (with others, the runs would cost them a core and still time a
+    busy CPU). Skipped when the tab shows another setting by now, or the cores are not the
+    run's; stopped between forwards when a newer setting is shown or someone else waits."""
     p = session.panels.get(ID) if session is not None else None
     if p is None or "key" not in p.extra or not priority.alone():
         return gr.skip()
@@ -90,7 +96,10 @@ def settled(session, method: str, r: int, keep: float, fuse: bool, blocks: list,
     encoder = shared_encoder(enc.model, LIMITS.device)
     result = p.extra["result"]
     with lone_cores():  # settles only on the first run's count (else it would not compare)
-        if not settle(encoder, enc, key):
+        def moved_on() -> bool:  # a newer setting shown, or someone else waiting: stop timing
+            return session.panels.get(ID) is not p or not priority.alone()
+
+        if not settle(encoder, enc, key, with_cut=True, stop=moved_on) or moved_on():
             return gr.skip()
         p.stats.update(timing(encoder, enc, result, key))
     return stats_md(p)

@@ -270,6 +270,7 @@ def test_inside_tab_settles_its_speedup(page):
                            "'(r = ' + r + ' per block)')", arg=r, timeout=30_000)
     page.wait_for_function(settled, timeout=60_000)
     assert f"(r = {r} per block)" in text(page, "inside-stats")
+    assert re.search(r"a free cut to these counts: [\d.]+x", text(page, "inside-stats"))
     page.screenshot(path=str(ARTIFACTS / "inside.png"), full_page=True)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -140,12 +142,59 @@ def test_a_speedup_reads_the_best_of_runs_timed_in_turns(encoder):
     assert not settle(encoder, enc, key)  # settled: nothing runs again
     assert timing(encoder, enc, result, key)["runs"] == 2
     assert not settle(encoder, enc, run_key("tome", 9))  # never run: nothing to settle
+    assert t["cut_speedup"] is None  # no free cut timed yet
+    assert settle(encoder, enc, key, with_cut=True)  # the free cut to the run's counts, twice
+    cut = _samples(enc, result.threads, ("cut", *key))
+    t = timing(encoder, enc, result, key)
+    assert len(cut) == 2 and t["runs"] == 2 and t["cut_speedup"] == t["plain_ms"] / min(cut)
+    assert 0.5 < t["cut_speedup"] < 3
+    assert not settle(encoder, enc, key, with_cut=True)
     for r in (4, 12, 16):  # more settings: the plain forward stops at PLAIN_MAX_RUNS runs
         inside_panel(encoder, enc, "tome", r=r)
         settle(encoder, enc, run_key("tome", r))
     assert len(plain) == PLAIN_MAX_RUNS
     with pytest.raises(ValueError, match="method"):
         run_key("merge")
+
+
+def test_settling_stops_between_forwards_when_asked_and_resumes_later(encoder):
+    # the app asks "has a newer setting come, or someone else?" before each forward it times
+    from viz.inside import _samples, inside_panel, settle
+
+    enc = encoder.encode(Image.open("assets/chelsea.jpg"), size=112)
+    result, key = (run := inside_panel(encoder, enc, "tome", r=4)).extra["result"], run.extra["key"]
+    asked, plain = [], _samples(enc, result.threads, ("plain",))
+    assert len(plain) == 3
+    assert settle(encoder, enc, key, with_cut=True, stop=lambda: asked.append(1) or len(asked) > 1)
+    assert len(asked) == 2  # one forward went ahead (the plain one: each round's first), then none
+    assert len(plain) == 4 and _samples(enc, result.threads, ("cut", *key)) == []
+    assert len(_samples(enc, result.threads, key)) == 1
+    assert settle(encoder, enc, key, with_cut=True)  # later: the rest
+    assert len(_samples(enc, result.threads, ("cut", *key))) == 2
+    assert len(_samples(enc, result.threads, key)) == 2
+
+
+def test_the_plain_forward_is_timed_as_a_run_is(encoder, monkeypatch):
+    """A speed-up divides network times: the plain forward's sample is its ``forward_ms`` (pixels
+    to the final norm), not the wall time of the call with the resize and the covers around it."""
+    import time
+
+    import viz.inside as vi
+
+    got = []
+
+    def slow_plain(*args, **kwargs):
+        out = plain_forward(*args, **kwargs)
+        got.append(out.forward_ms)
+        time.sleep(0.05)  # as if the covers and the resize took 50 ms around the network
+        return out
+
+    from compress.inside import plain_forward
+
+    monkeypatch.setattr(vi, "plain_forward", slow_plain)
+    enc = encoder.encode(Image.open("assets/coffee.jpg"), size=112)
+    assert vi.plain_ms(encoder, enc, 1) == min(got) < 50
+    assert vi._samples(enc, 1, ("plain",)) == got
 
 
 def test_the_inside_tab_settles_its_numbers_line(encoder):
@@ -164,8 +213,10 @@ def test_the_inside_tab_settles_its_numbers_line(encoder):
     overlay, line = priority.counted(tab.render)(session, *args, with_figure=False)
     assert "one run" in line
     settled_step = priority.counted(tab.settled)
+    assert "free cut" not in line  # timed only when the numbers settle
     settled = settled_step(session, *args)
-    assert isinstance(settled, str) and "best of 2 and 4 runs" in settled
+    assert isinstance(settled, str) and "best of 2 and 5 runs" in settled  # plain: once per turn
+    assert re.search(r"a free cut to these counts: \d\.\d\dx", settled), settled
     assert session.panels["inside"].stats["runs"] == 2  # kept for the export too
     skip = gr.skip()
     assert settled_step(session, *args) == skip  # already settled

@@ -17,6 +17,7 @@ from compress import Encoding
 from compress.inside import (
     EVIT_BLOCKS,
     InsideResult,
+    cut_forward,
     output_agreement,
     plain_forward,
     prune_forward,
@@ -55,9 +56,9 @@ def _samples(enc: Encoding, threads: int, key) -> list[float]:
 
 
 def _time_plain(encoder, enc: Encoding) -> float:
-    t0 = time.perf_counter()
-    plain_forward(encoder, enc.image, enc.size, keep_aspect=True)
-    return (time.perf_counter() - t0) * 1e3
+    """The plain forward's network time, as a run's (``forward_ms``: pixels to the final norm;
+    not the resize before it nor the covers after it)."""
+    return plain_forward(encoder, enc.image, enc.size, keep_aspect=True).forward_ms
 
 
 def plain_ms(encoder, enc: Encoding, threads: int | None = None) -> float:
@@ -78,8 +79,11 @@ def plain_ms(encoder, enc: Encoding, threads: int | None = None) -> float:
 
 
 def timing(encoder, enc: Encoding, result: InsideResult, key) -> dict:
-    """{"forward_ms", "plain_ms", "speedup", "runs", "plain_runs", "threads"} of run ``key``:
-    the best time of each forward measured so far at the run's thread count.
+    """{"forward_ms", "plain_ms", "speedup", "runs", "plain_runs", "threads", "cut_speedup"} of
+    run ``key``: the best time of each forward measured so far at the run's thread count.
+    ``cut_speedup``: the plain forward's time over the free cut's to the run's counts
+    (``compress.inside.cut_forward``: the most any method with these counts can gain on this
+    machine), once ``settle(..., with_cut=True)`` has timed it; else None.
 
     Why the best and not one run: a server's forwards share the CPU with what else runs at
     that moment (the server's own work on the request, other people's requests, on a laptop
@@ -89,32 +93,52 @@ def timing(encoder, enc: Encoding, result: InsideResult, key) -> dict:
     setting's: if anything, a speed-up is understated."""
     plain = plain_ms(encoder, enc, result.threads)
     forward = min(_samples(enc, result.threads, key))  # the first run's time is its first
+    cut = _samples(enc, result.threads, _cut_key(key))
     return {"forward_ms": forward, "plain_ms": plain, "speedup": plain / forward,
             "runs": len(_samples(enc, result.threads, key)),
-            "plain_runs": len(_samples(enc, result.threads, _PLAIN)), "threads": result.threads}
+            "plain_runs": len(_samples(enc, result.threads, _PLAIN)), "threads": result.threads,
+            "cut_speedup": plain / min(cut) if len(cut) >= SETTLED_RUNS else None}
 
 
-def settle(encoder, enc: Encoding, key) -> bool:
+def _cut_key(key) -> tuple:
+    return ("cut", *key)
+
+
+def settle(encoder, enc: Encoding, key, with_cut: bool = False, stop=None) -> bool:
     """Time run ``key`` (kept with the encoding) once more and the plain forward once more
     (until it has ``PLAIN_MAX_RUNS`` runs: then its best is settled too), in turns, until the
-    run has ``SETTLED_RUNS`` times; True if it ran anything. Only on the thread count the run
-    was timed at: a caller on another count (the app gives a request one thread while others
-    wait) would time forwards that do not compare, so nothing runs. What the app does after
-    showing a new setting's first numbers."""
+    run has ``SETTLED_RUNS`` times; with ``with_cut`` the free cut to the run's counts too
+    (``SETTLED_RUNS`` times, in the same turns). True if it ran anything. Only on the thread
+    count the run was timed at: a caller on another count (the app gives a request one thread
+    while others wait) would time forwards that do not compare, so nothing runs. ``stop()``,
+    asked before each forward, ends it early (the times so far are kept). What the app does
+    after showing a new setting's first numbers."""
     import torch
 
     result = enc.memo.get("inside_runs", {}).get(key)
     if result is None or torch.get_num_threads() != result.threads:
         return False
     kept = _samples(enc, result.threads, key)
-    if len(kept) >= SETTLED_RUNS:
+    cut = _samples(enc, result.threads, _cut_key(key)) if with_cut else []
+    cuts_due = SETTLED_RUNS if with_cut else 0
+    if len(kept) >= SETTLED_RUNS and len(cut) >= cuts_due:
         return False
     plain_ms(encoder, enc, result.threads)  # its first runs, if they are still to come
     plain = _samples(enc, result.threads, _PLAIN)
-    while len(kept) < SETTLED_RUNS:
-        kept.append(_forward(encoder, enc, key).forward_ms)
-        if len(plain) < PLAIN_MAX_RUNS:
-            plain.append(_time_plain(encoder, enc))
+    steps = []
+    while len(kept) < SETTLED_RUNS or len(cut) < cuts_due:  # in turns: one of each per round,
+        if len(plain) < PLAIN_MAX_RUNS:  # the run's own forward last (the first forward after
+            steps.append(lambda: plain.append(_time_plain(encoder, enc)))  # an answer is the
+        if len(cut) < cuts_due:  # likeliest to share the CPU with the browser drawing it)
+            steps.append(lambda: cut.append(cut_forward(encoder, enc.image, enc.size, result.counts,
+                                                        keep_aspect=True).forward_ms))
+        if len(kept) < SETTLED_RUNS:
+            steps.append(lambda: kept.append(_forward(encoder, enc, key).forward_ms))
+        for step in steps:
+            if stop is not None and stop():
+                return True
+            step()
+        steps.clear()
     return True
 
 
