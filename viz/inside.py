@@ -9,6 +9,7 @@ inside the blocks (``compress.inside``) and draws the state after block
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import numpy as np
 from matplotlib.figure import Figure
@@ -104,7 +105,8 @@ def _cut_key(key) -> tuple:
     return ("cut", *key)
 
 
-def settle(encoder, enc: Encoding, key, with_cut: bool = False, stop=None) -> bool:
+def settle(encoder, enc: Encoding, key, with_cut: bool = False,
+           stop: Callable[[], bool] | None = None) -> bool:
     """Time run ``key`` (kept with the encoding) once more and the plain forward once more
     (until it has ``PLAIN_MAX_RUNS`` runs: then its best is settled too), in turns, until the
     run has ``SETTLED_RUNS`` times; with ``with_cut`` the free cut to the run's counts too
@@ -125,22 +127,27 @@ def settle(encoder, enc: Encoding, key, with_cut: bool = False, stop=None) -> bo
         return False
     plain_ms(encoder, enc, result.threads)  # its first runs, if they are still to come
     plain = _samples(enc, result.threads, _PLAIN)
-    steps = []
-    while len(kept) < SETTLED_RUNS or len(cut) < cuts_due:  # in turns: one of each per round,
-        if len(plain) < PLAIN_MAX_RUNS:  # the run's own forward last (the first forward after
-            steps.append(lambda: plain.append(_time_plain(encoder, enc)))  # an answer is the
-        if len(cut) < cuts_due:  # likeliest to share the CPU with the browser drawing it)
-            steps.append(lambda: cut.append(cut_forward(encoder, enc.image, enc.size, result.counts,
-                                                        keep_aspect=True).forward_ms))
-        if len(kept) < SETTLED_RUNS:
-            steps.append(lambda: kept.append(_forward(encoder, enc, key).forward_ms))
-        for step in steps:
+    def time_plain():
+        plain.append(_time_plain(encoder, enc))
+
+    def time_cut():
+        cut.append(cut_forward(encoder, enc.image, enc.size, result.counts, keep_aspect=True).forward_ms)
+
+    def time_run():
+        kept.append(_forward(encoder, enc, key).forward_ms)
+
+    # In turns, one of each per round, the run's own forward last: the first forward after an
+    # answer is the likeliest to share the CPU with the browser drawing it.
+    while len(kept) < SETTLED_RUNS or len(cut) < cuts_due:
+        due = [(len(plain) < PLAIN_MAX_RUNS, time_plain), (len(cut) < cuts_due, time_cut),
+               (len(kept) < SETTLED_RUNS, time_run)]
+        for wanted, step in due:
+            if not wanted:
+                continue
             if stop is not None and stop():
                 return True
             step()
-        steps.clear()
     return True
-
 
 _WARM: set = set()
 
