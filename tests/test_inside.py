@@ -176,6 +176,21 @@ def test_compiled_step_on_keys_equals_the_torch_step(prefix, ties):
             assert out[3].shape == (prefix + t - min(r, t // 2),)
 
 
+def test_keys_are_read_in_place_only_when_their_rows_fit_the_storage():
+    from compress.inside import _key_rows
+
+    heads, t, d = 3, 10, 8
+    qkv = torch.randn(t, 3 * heads * d)  # a qkv output: q | k | v per token
+    k = qkv.view(t, 3, heads, d).permute(1, 2, 0, 3)[1]
+    rows, col = _key_rows(k)
+    assert rows.data_ptr() == qkv.data_ptr() and col == heads * d  # no copy
+    assert torch.equal(rows[:, col:col + heads * d].view(t, heads, d).transpose(0, 1), k)
+    short = torch.randn((t - 1) * 3 * heads * d + 2 * heads * d)  # the last token has no v
+    k2 = short.as_strided((heads, t, d), (d, 3 * heads * d, 1), heads * d)
+    rows2, col2 = _key_rows(k2)  # its rows would run past the storage: a copy instead
+    assert col2 == 0 and torch.equal(rows2.view(t, heads, d).transpose(0, 1), k2)
+
+
 def test_r_is_capped_at_half_the_mergeable_tokens():
     x, metric = torch.randn(1 + 5, 3), torch.randn(5, 4)
     out, size, _ = bipartite_merge(x, torch.ones(5), metric, r=9, num_prefix=1)
