@@ -152,7 +152,7 @@ def test_compiled_merge_equals_torch_ops_bit_for_bit(prefix, ties):
 @pytest.mark.parametrize("ties", [False, True])
 def test_compiled_step_on_keys_equals_the_torch_step(prefix, ties):
     # The forward's ToMe step (keys summed over heads, best edges, stable order, merge and the
-    # next block's log sizes) in one compiled call, against the torch operations. With ties:
+    # next block's log sizes) compiled on a CPU, against the torch operations. With ties:
     # duplicated keys, so equal cosines are computed from equal numbers on both sides and the
     # stable order and the first maximum decide.
     gen = torch.Generator().manual_seed(prefix + 10 * ties)
