@@ -85,20 +85,19 @@ def settled(session, method: str, r: int, keep: float, fuse: bool, blocks: list,
     key = p.extra["key"]
     if key != run_key(method, int(r), float(keep), tuple(sorted(int(b) for b in blocks)), bool(fuse)):
         return gr.skip()  # the controls have moved on: their own answer will come
+
+    def moved_on() -> bool:  # a newer setting shown, or someone else waiting: nothing more to time
+        return session.panels.get(ID) is not p or not priority.alone()
+
     end = time.monotonic() + pause
     while time.monotonic() < end:  # (a newer setting ends the wait at once: no queue slot held)
         time.sleep(min(0.05, max(end - time.monotonic(), 0)))
-        if session.panels.get(ID) is not p:
+        if moved_on():
             return gr.skip()
-    if not priority.alone():
-        return gr.skip()
     enc = need(session)
     encoder = shared_encoder(enc.model, LIMITS.device)
     result = p.extra["result"]
     with lone_cores():  # settles only on the first run's count (else it would not compare)
-        def moved_on() -> bool:  # a newer setting shown, or someone else waiting: stop timing
-            return session.panels.get(ID) is not p or not priority.alone()
-
         if not settle(encoder, enc, key, with_cut=True, stop=moved_on) or moved_on():
             return gr.skip()
         p.stats.update(timing(encoder, enc, result, key))

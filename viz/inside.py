@@ -127,6 +127,7 @@ def settle(encoder, enc: Encoding, key, with_cut: bool = False,
         return False
     plain_ms(encoder, enc, result.threads)  # its first runs, if they are still to come
     plain = _samples(enc, result.threads, _PLAIN)
+
     def time_plain():
         plain.append(_time_plain(encoder, enc))
 
@@ -148,6 +149,7 @@ def settle(encoder, enc: Encoding, key, with_cut: bool = False,
                 return True
             step()
     return True
+
 
 _WARM: set = set()
 
