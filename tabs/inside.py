@@ -129,8 +129,9 @@ def build(w: Wiring) -> Tab:
     with gr.Tab("Inside the ViT", id=ID) as tab:
         with gr.Row():
             with gr.Column(scale=3, min_width=420):
-                overlay = gr.Image(label="Tokens after the chosen block (click to inspect the final "
-                                   "token)", format="jpeg", interactive=False, height=OVERLAY_H,
+                # (a label that fits beside the picture's buttons at 1280 px: a longer one ran under them)
+                overlay = gr.Image(label="Tokens after the chosen block (click to inspect)",
+                                   format="jpeg", interactive=False, height=OVERLAY_H,
                                    elem_id="inside-overlay")
                 details.picture()
             with gr.Column(scale=2, min_width=300):
