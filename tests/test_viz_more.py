@@ -174,6 +174,23 @@ def test_settling_stops_between_forwards_when_asked_and_resumes_later(encoder):
     assert len(_samples(enc, result.threads, key)) == 2
 
 
+def test_compare_inside_rows_settle_with_their_free_cut(encoder):
+    # Compare's inside rows: a first answer without the free cut, the settled one with it
+    from viz.inside import _samples, inside_at_budget, run_key
+
+    enc = encoder.encode(Image.open("assets/chelsea.jpg"), size=112)
+    first = inside_at_budget(encoder, enc, 16)
+    assert set(first) == {"tome_inside", "prune_inside"}
+    assert all(row["cut_speedup"] is None and row["runs"] == 1 for row in first.values())
+    settled = inside_at_budget(encoder, enc, 16, settled=True)
+    for name, row in settled.items():
+        assert row["runs"] == 2 and 0.3 < row["cut_speedup"] < 5, (name, row)
+    r = int(settled["tome_inside"]["setting"].split()[2])
+    cut = _samples(enc, settled["tome_inside"]["threads"], ("cut", *run_key("tome", r)))
+    assert len(cut) == 2
+    assert settled["tome_inside"]["cut_speedup"] == settled["tome_inside"]["plain_ms"] / min(cut)
+
+
 def test_the_plain_forward_is_timed_as_a_run_is(encoder, monkeypatch):
     """A speed-up divides network times: the plain forward's sample is its ``forward_ms`` (pixels
     to the final norm), not the wall time of the call with the resize and the covers around it."""

@@ -265,9 +265,10 @@ def inside_at_budget(encoder, enc: Encoding, budget: int, settled: bool = False)
     r (ToMe, the same every block) and the keep ratio (EViT at its default
     blocks, fused) are chosen so the final count is nearest ``budget``
     (``r_for_budget``, ``keep_for_budget``: no network run to find them).
-    With ``settled`` each forward is timed ``SETTLED_RUNS`` times (``settle``).
-    Returns {name: {"label", "comp", "setting", "flops_ratio", and ``timing``'s
-    "forward_ms", "plain_ms", "speedup", "runs", "plain_runs", "threads"}}.
+    With ``settled`` each forward, and the free cut to its counts, is timed
+    ``SETTLED_RUNS`` times (``settle``). Returns {name: {"label", "comp", "setting",
+    "flops_ratio", and ``timing``'s "forward_ms", "plain_ms", "speedup", "runs",
+    "plain_runs", "threads", "cut_speedup"}} ("cut_speedup" None unless settled).
     """
     from compress.inside import keep_for_budget, r_for_budget
 
@@ -283,7 +284,7 @@ def inside_at_budget(encoder, enc: Encoding, budget: int, settled: bool = False)
     ):
         result = run()
         if settled:
-            settle(encoder, enc, key)
+            settle(encoder, enc, key, with_cut=True)
         out[name] = {"label": label, "comp": result.compression, "setting": setting,
                      "flops_ratio": result.flops_ratio, **timing(encoder, enc, result, key)}
     return out
