@@ -55,7 +55,11 @@ def stats_md(p) -> str:
     merge = "" if s["merge_ms"] is None else (f" · reducing {s['merge_ms']:.0f} ms "
                                                  f"({s['merge_ms'] / s['forward_ms']:.0%})")
     cls = "" if s["cls_cosine"] is None else f" · CLS cos **{s['cls_cosine']:.4f}**"
-    cut = "" if s.get("cut_speedup") is None else f" · a free cut to these counts: {s['cut_speedup']:.2f}x"
+    cut = ""
+    if s.get("cut_speedup") is not None:
+        cut = f" · a free cut to these counts: {s['cut_speedup']:.2f}x"
+        if s["cut_speedup"] <= s["speedup"]:  # a method's own step costs a few %: noise can flip them
+            cut += " (no faster than the method: the difference is this machine's noise)"
     dropped = (f" (on the {1 - s['discarded_share']:.0%} still covered)"
                if s["discarded_share"] else "")
     return (f"### {s['N']} → {s['M']} tokens at the output ({what})\n"
@@ -124,6 +128,11 @@ def render(session, method: str, r: int, keep: float, fuse: bool, blocks: list, 
     return out + [p.figure] if with_figure else out
 
 
+def shown_for(method: str) -> list:
+    """[ToMe's r slider, EViT's settings]: visible for the chosen method only."""
+    return [gr.update(visible=method == "tome"), gr.update(visible=method == "prune")]
+
+
 def build(w: Wiring) -> Tab:
     details = Details(ID)
     with gr.Tab("Inside the ViT", id=ID) as tab:
@@ -136,16 +145,18 @@ def build(w: Wiring) -> Tab:
                 details.picture()
             with gr.Column(scale=2, min_width=300):
                 method = gr.Radio(METHODS, value="tome", label="Method", elem_id="inside-method")
+                # only the chosen method's settings are shown (``shown_for``)
                 r = gr.Slider(0, 288, value=16, step=1, label="ToMe: r merged per block",
                               elem_id="inside-r")
-                keep = gr.Slider(0.05, 1.0, value=0.7, step=0.01, label="EViT: keep ratio per block",
-                                 elem_id="inside-keep")
-                with gr.Row():
-                    blocks = gr.CheckboxGroup([(str(b + 1), b) for b in range(12)],
-                                              value=list(EVIT_BLOCKS), label="EViT: prune at blocks",
-                                              elem_id="inside-blocks")
-                    fuse = gr.Checkbox(True, label="EViT: fuse the rest into one token",
-                                       elem_id="inside-fuse")
+                with gr.Column(visible=False, elem_id="inside-evit") as evit:
+                    keep = gr.Slider(0.05, 1.0, value=0.7, step=0.01, label="EViT: keep ratio per block",
+                                     elem_id="inside-keep")
+                    with gr.Row():
+                        blocks = gr.CheckboxGroup([(str(b + 1), b) for b in range(12)],
+                                                  value=list(EVIT_BLOCKS), label="EViT: prune at blocks",
+                                                  elem_id="inside-blocks")
+                        fuse = gr.Checkbox(True, label="EViT: fuse the rest into one token",
+                                           elem_id="inside-fuse")
                 block = gr.Slider(1, 12, value=12, step=1, label="Show after block",
                                   elem_id="inside-block")
                 stats = gr.Markdown(elem_id="inside-stats")
@@ -170,6 +181,8 @@ def build(w: Wiring) -> Tab:
     done += [w.on(ctl.input, everything, inputs, full, **LIVE) for ctl in (method, fuse, blocks)]
     for event in done:
         w.on(event.then, settled, inputs, [stats], **QUIET)
+    # the settings of the method not chosen are hidden (also when an API call sets the method)
+    w.on(method.change, shown_for, [method], [r, evit], api_visibility="private", queue=False)
     # the block slider only redraws a kept run: live
     w.on(api_live.click, steps.quick, inputs, live, "inside_live", **LIVE)
     steps.on_drag(w, block.input, inputs, live, steps.quick)

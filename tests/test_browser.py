@@ -272,6 +272,17 @@ def test_inside_tab_settles_its_speedup(page):
     assert f"(r = {r} per block)" in text(page, "inside-stats")
     assert re.search(r"a free cut to these counts: [\d.]+x", text(page, "inside-stats"))
     page.screenshot(path=str(ARTIFACTS / "inside.png"), full_page=True)
+    # only the chosen method's settings are on the page
+    assert page.locator("#inside-r").is_visible() and not page.locator("#inside-keep").is_visible()
+    page.locator("#inside-method").get_by_text("EViT").click()
+    page.wait_for_selector("#inside-keep", state="visible", timeout=10_000)
+    assert page.locator("#inside-blocks").is_visible() and page.locator("#inside-fuse").is_visible()
+    page.wait_for_selector("#inside-r", state="hidden", timeout=10_000)
+    page.wait_for_function("() => document.querySelector('#inside-stats').innerText.includes('keep 70%')",
+                           timeout=30_000)
+    page.locator("#inside-method").get_by_text("ToMe").click()
+    page.wait_for_selector("#inside-r", state="visible", timeout=10_000)
+    page.wait_for_selector("#inside-keep", state="hidden", timeout=10_000)
 
 
 def test_compare_budget_changes_every_tile_and_the_table(page):

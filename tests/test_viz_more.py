@@ -235,6 +235,15 @@ def test_the_inside_tab_settles_its_numbers_line(encoder):
     assert isinstance(settled, str) and "best of 2 and 5 runs" in settled  # plain: once per turn
     assert re.search(r"a free cut to these counts: \d\.\d\dx", settled), settled
     assert session.panels["inside"].stats["runs"] == 2  # kept for the export too
+    # a method at or above its free cut: the line says the difference is noise, not a gain
+    from types import SimpleNamespace
+
+    shown = session.panels["inside"]
+    for speedup, cut, noise in ((1.41, 1.27, True), (1.2, 1.2, True), (1.16, 1.23, False)):
+        line = tab.stats_md(SimpleNamespace(comp=shown.comp, stats={**shown.stats, "speedup": speedup,
+                                                                     "cut_speedup": cut}))
+        assert f"**{speedup:.2f}x** · a free cut to these counts: {cut:.2f}x" in line
+        assert ("the difference is this machine's noise" in line) == noise, line
     skip = gr.skip()
     assert settled_step(session, *args) == skip  # already settled
     assert settled_step(session, "tome", 13, *args[2:]) == skip  # the slider has moved on
