@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup setup-test run demo test bench bench-app bench-all lint chromium clean
+.PHONY: setup setup-test run demo test bench bench-app bench-all lint chromium clean sample-sweep
 
 setup: $(STAMP)
 
@@ -33,6 +33,12 @@ run: setup
 
 demo: setup
 	$(PY) -m compress assets/coffee.jpg
+
+# the Dataset tab's sample: a sweep of the bundled photos (about 40 s); remake it when a strategy changes
+sample-sweep: setup-test
+	rm -f assets/sample_sweep.parquet
+	$(PY) -m compress sweep assets --out assets/sample_sweep.parquet --no-progress
+	rm -f assets/sample_sweep-summary.csv assets/sample_sweep-summary.png
 
 test: setup-test
 	$(PY) -m pytest -q $(PYTEST_ARGS)

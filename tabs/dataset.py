@@ -20,9 +20,13 @@ from compress import STRATEGIES, ImageError, load_image
 from compress.results import ADAPTIVE_BUDGET, ERROR_STRATEGY, load_results, summarise, worst_images
 
 from .common import LIVE, LOG, Tab, Wiring, guarded
+from .source import ASSETS
 
 ID = "dataset"
 ROOTS: list[Path] = [Path.cwd().resolve()]  # set by app.main from --dataset-root
+# A sweep of the bundled photos, shipped so the tab can be shown without running one; made by
+# `python -m compress sweep assets --out assets/sample_sweep.parquet` (tests check it is current).
+SAMPLE = ASSETS / "sample_sweep.parquet"
 OPENED = Path(tempfile.gettempdir()) / "tce-dataset"  # copies of opened images, for the input box
 METRICS = [("saliency CC (the task)", "cc"), ("fidelity", "fidelity"), ("SIM", "sim"),
            ("KL (lower is better)", "kl"), ("top-10% IoU", "top_iou")]
@@ -32,16 +36,18 @@ TEXT = """**A choice of compression is made on many images.** Run a sweep over a
 cluster) - then open the results file here: the mean of each metric against M for every strategy with
 its 95 % confidence band (a t-interval over images, cut to the values the metric can take), the table,
 and each strategy's worst images on the metric you choose. Click a worst image to open it in the
-explorer tabs and see why."""
+explorer tabs and see why. No sweep at hand? *Open the sample sweep*: the five bundled photos."""
+HEADERS = ["strategy", "budget", "images", "M", "fidelity [95% CI]", "task CC [95% CI]", "SIM [95% CI]",
+           "KL [95% CI]"]
 
 
 def under_roots(path: str) -> Path | None:
-    """``path`` resolved, if it lies under one of the dataset roots; else None."""
+    """``path`` resolved, if it lies under one of the dataset roots or is a bundled photo; else None."""
     try:
         p = Path(path).expanduser().resolve()
     except (OSError, RuntimeError):
         return None
-    return p if any(p == r or r in p.parents for r in ROOTS) else None
+    return p if any(p == r or r in p.parents for r in ROOTS) or p.parent == ASSETS.resolve() else None
 
 
 def _cell(r, metric: str) -> str:
@@ -58,18 +64,35 @@ def _table(summary) -> dict:
         budget = "own" if r["budget"] == ADAPTIVE_BUDGET else int(r["budget"])
         rows.append([name, budget, int(r["n"]), f"{r['M_mean']:.0f}", _cell(r, "fidelity"),
                      _cell(r, "cc"), _cell(r, "sim"), _cell(r, "kl")])
-    return {"headers": ["strategy", "budget", "images", "M", "fidelity [95% CI]", "task CC [95% CI]",
-                        "SIM [95% CI]", "KL [95% CI]"], "data": rows}
+    return {"headers": HEADERS, "data": rows}
+
+
+def load_sample():
+    """The sample sweep's rows, its photos named by their place here (the file names them
+    relative to the project: ``assets/coffee.jpg``)."""
+    df = load_results(SAMPLE)
+    df["image"] = [str(ASSETS / Path(p).name) for p in df["image"]]
+    return df
 
 
 @guarded
 def do_open(session, file):
     """[figure, table, note, strategy choices] for an uploaded results file."""
-    from viz.sweep import summary_figure
-
     if file is None:
         raise gr.Error("Choose a results file (.parquet) made by `python -m compress sweep`.")
-    df = load_results(file if isinstance(file, str) else file.name)
+    return _show(session, load_results(file if isinstance(file, str) else file.name))
+
+
+@guarded
+def do_sample(session):
+    """[figure, table, note, strategy choices] for the bundled sample sweep."""
+    figure, table, note, choices = _show(session, load_sample())
+    return [figure, table, "the sample sweep (the five bundled photos): " + note, choices]
+
+
+def _show(session, df) -> list:
+    from viz.sweep import summary_figure
+
     summary = summarise(df)
     if summary.empty:
         raise gr.Error("the results file has no rows with a result (only errors?)")
@@ -140,9 +163,15 @@ def build(w: Wiring) -> Tab:
         with gr.Row():
             file = gr.File(label="Results file (.parquet)", file_types=[".parquet"], type="filepath",
                            elem_id="dataset-file", scale=2)
-            note = gr.Markdown(elem_id="dataset-note")
-        plot = gr.Plot(label="Mean against M with 95% confidence bands", elem_id="dataset-plot")
-        table = gr.Dataframe(label="Per strategy and budget", interactive=False,
+            with gr.Column(scale=1):
+                sample = gr.Button("Open the sample sweep (the five bundled photos)",
+                                   elem_id="dataset-sample")
+                note = gr.Markdown(elem_id="dataset-note")
+        # (the figure carries its own title: a label would cover it)
+        plot = gr.Plot(label="Mean against M with 95% confidence bands", show_label=False,
+                       elem_id="dataset-plot")
+        table = gr.Dataframe(value={"headers": HEADERS, "data": []}, label="Per strategy and budget",
+                             interactive=False,
                              elem_id="dataset-table", max_height=420, wrap=True,
                              column_widths=["14%", "8%", "8%", "6%", "16%", "16%", "16%", "16%"])
         with gr.Row():
@@ -155,6 +184,8 @@ def build(w: Wiring) -> Tab:
     opened = w.on(file.upload, do_open, [w.session, file], [plot, table, note, strategy],
                   "dataset_open")
     w.on(opened.then, do_worst, [w.session, strategy, metric], [gallery, worst_note])
+    sampled = w.on(sample.click, do_sample, [w.session], [plot, table, note, strategy], "dataset_sample")
+    w.on(sampled.then, do_worst, [w.session, strategy, metric], [gallery, worst_note])
     for ctl in (strategy, metric):
         w.on(ctl.input, do_worst, [w.session, strategy, metric], [gallery, worst_note],
              "dataset_worst", **LIVE)

@@ -433,8 +433,19 @@ def test_dataset_tab_opens_a_worst_image_in_the_explorer(page, tmp_path):
     results = tmp_path / "results.parquet"
     write_results(plain_sweep(paths, ["prune_attention", "pool"], [16, 64], size=112), results)
     page.get_by_role("tab", name="Dataset").click()
+    page.wait_for_selector("#dataset-table")
+    assert "fidelity [95% CI]" in text(page, "dataset-table")  # headers before any file (not 1, 2, 3)
+    # no sweep at hand: the sample (the bundled photos, every strategy) opens with one click
+    page.locator("#dataset-sample").click()
+    page.wait_for_function("() => document.querySelector('#dataset-note')?.innerText"
+                           ".includes('sample sweep')")
+    page.wait_for_function("() => document.querySelectorAll('#dataset-worst img').length === 5")
+    assert "Threshold merge" in text(page, "dataset-table")
+    sample_worst = text(page, "dataset-worst")
     page.set_input_files("#dataset-file input[type=file]", str(results))
-    page.wait_for_function("() => document.querySelector('#dataset-note')?.innerText.includes('5 images')")
+    page.wait_for_function("() => /^5 images/.test(document.querySelector('#dataset-note')?.innerText)")
+    page.wait_for_function("old => document.querySelector('#dataset-worst').innerText !== old",
+                           arg=sample_worst)  # the file's worst images, not the sample's
     page.wait_for_function("() => document.querySelectorAll('#dataset-worst img').length === 5")
     assert "task CC" in text(page, "dataset-table") and "[" in text(page, "dataset-table")
     page.screenshot(path=str(ARTIFACTS / "dataset.png"), full_page=True)

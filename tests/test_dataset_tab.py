@@ -64,3 +64,43 @@ def test_images_are_read_only_under_the_roots(tmp_path):
         assert dataset.under_roots("/etc/passwd") is None
     finally:
         dataset.ROOTS[:] = before
+
+
+def test_the_sample_sweep_opens_with_every_strategy_and_its_worst_photos(app_url):
+    # A teacher without a sweep at hand: one click shows the view on the five bundled photos.
+    from compress import STRATEGIES
+
+    client = Client(app_url, verbose=False)
+    figure, table, note, strategy = client.predict(api_name="/dataset_sample")
+    assert note.startswith("the sample sweep") and "5 images" in note and "0 unreadable" in note
+    assert figure is not None
+    assert {r[0] for r in table["data"]} == {s.short for s in STRATEGIES.values()}
+    assert all(r[2] == 5 for r in table["data"])  # every mean is over the five photos
+    gallery, worst_note = client.predict("prune_attention", "cc", api_name="/dataset_worst")
+    assert len(gallery) == 5 and "not shown" not in worst_note  # bundled photos are always readable
+
+
+def test_the_sample_sweep_is_what_the_sweep_gives_today(encoder):
+    # The shipped file must not go stale: a strategy that changes its tokens changes these rows
+    # (remake it with `make sample-sweep`). One photo, re-run at the file's settings.
+    from compress import STRATEGIES
+    from compress.heads import head_status
+    from compress.results import ADAPTIVE_BUDGET, file_settings
+    from compress.sweep import sweep_rows
+    from tabs.dataset import SAMPLE, load_sample
+
+    df = load_sample()
+    settings = file_settings(SAMPLE)
+    assert settings["model"] == encoder.name and set(df["strategy"]) == set(STRATEGIES)
+    assert sorted(df["image"].unique()) == sorted(str(p) for p in ASSETS.glob("*.jpg"))
+    budgets = sorted(int(b) for b in df["budget"].unique() if b != ADAPTIVE_BUDGET)
+    photo = str(ASSETS / "coffee.jpg")
+    rows = sweep_rows(encoder, head_status(encoder.name)[0], photo, list(STRATEGIES), budgets,
+                      settings["size"])
+    shipped = df[df["image"] == photo].set_index(["strategy", "budget"])
+    assert len(rows) == len(shipped)
+    for row in rows:
+        old = shipped.loc[(row["strategy"], row["budget"])]
+        assert row["M"] == old["M"], row
+        for metric in ("fidelity", "cc", "sim"):
+            assert row[metric] == pytest.approx(old[metric], abs=0.01), (row, metric)
