@@ -316,21 +316,29 @@ def merge_on_keys(x: torch.Tensor, size: torch.Tensor, k: torch.Tensor, r: int,
     float32 without autograd the step is two compiled calls around one matrix multiply
     (``_unit_keys_compiled``, the cosines, ``_match_merge_compiled``: the same match as the
     torch operations up to the rounding of the cosines, the same merge bit for bit,
-    tested); elsewhere it runs as torch operations.
+    tested); bf16 keys (a bf16 forward on a CPU) are read in float32 for it, so their sum
+    over heads is not rounded to bf16 as the torch operations round it. Elsewhere (GPU,
+    autograd) it runs as torch operations.
     """
     p = num_prefix
     t = x.shape[0] - p
     r = min(r, t // 2)
     if (r <= 0 or x.device.type != "cpu" or torch.is_grad_enabled()
-            or not x.dtype == k.dtype == size.dtype == torch.float32):
+            or not x.dtype == size.dtype == torch.float32 or k.dtype not in (torch.float32, torch.bfloat16)):
         new_x, new_size, match = bipartite_merge(x, size, k[:, p:].sum(dim=0), r, p)
         return new_x, new_size, match, F.pad(new_size.log(), (p, 0))
     a0 = p % 2
     na = len(range(a0, t, 2))
     unit_a, unit_b = torch.empty(na, k.shape[2]), torch.empty(t - na, k.shape[2])
     rows, col = _key_rows(k)
+    if rows.dtype != torch.float32:  # bf16 keys (the residual stream stays float32): the keys' columns
+        rows, col = rows[:, col:col + k.shape[0] * k.shape[2]].float(), 0  # in float32, one copy
     _unit_keys_compiled(rows.numpy(), col, k.shape[0], k.shape[2], p, a0, unit_a.numpy(), unit_b.numpy())
-    scores = unit_a @ unit_b.T  # the steps over all T^2 / 4 edges: torch's, multithreaded
+    if torch.is_autocast_enabled("cpu"):  # a bf16 forward: the cosines stay float32
+        with torch.autocast("cpu", enabled=False):
+            scores = unit_a @ unit_b.T
+    else:
+        scores = unit_a @ unit_b.T  # the steps over all T^2 / 4 edges: torch's, multithreaded
     best = scores.amax(dim=-1)
     new_x, new_size = torch.empty(x.shape[0] - r, x.shape[1]), torch.empty(t - r)
     new_log = torch.empty(p + t - r)
