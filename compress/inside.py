@@ -674,11 +674,20 @@ def tome_forward(encoder, image, size: int = 336, r=8, keep_aspect: bool = False
     p = encoder.num_prefix
 
     def validate(n: int) -> None:
-        if max(schedule) > n // 2:
+        if max(schedule) <= n // 2:
+            return
+        if isinstance(r, tuple):  # a schedule: name the largest r whose blocks all stay within the cap
+            top = max((b for b in range(n // 2, -1, -1) if max(parse_r((b, r[1]), depth)) <= n // 2),
+                      default=0)
             raise ValueError(
-                f"r must be between 0 and {n // 2} for {n} patch tokens (ToMe merges at most half the "
-                f"mergeable tokens of a block), got {max(schedule)}"
+                f"r must be between 0 and {top} for {n} patch tokens with the schedule (r, {r[1]:g}): "
+                f"r = {r[0]} would merge {max(schedule)} in one block, and ToMe merges at most half "
+                f"the mergeable tokens ({n // 2}) of a block"
             )
+        raise ValueError(
+            f"r must be between 0 and {n // 2} for {n} patch tokens (ToMe merges at most half the "
+            f"mergeable tokens of a block), got {max(schedule)}"
+        )
 
     def step(i, x, _q, k, state: _State) -> torch.Tensor:
         t = x.shape[0] - p

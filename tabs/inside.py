@@ -32,11 +32,15 @@ from .source import LIMITS
 ID = "inside"
 METHODS = [("ToMe: merge r tokens in every block", "tome"),
            ("EViT: keep the top by CLS attention at chosen blocks", "prune")]
+SCHEDULES = [("constant: r in every block", 0), ("decreasing: 2r → 0 (ToMe's schedule)", -1),
+             ("increasing: 0 → 2r", 1)]
 TEXT = """**What am I looking at?** Here the compression runs *inside* the network, as the papers
 run it, so it saves compute. *ToMe* (Bolya et al., ICLR 2023) merges r tokens in every block, between
 attention and MLP, by bipartite matching of the keys, with size-weighted averages and proportional
-attention; clusters grow with depth. *EViT* (Liang et al., ICLR 2022) keeps the patches the CLS token
-attends to most at chosen blocks and fuses the rest into one token (or drops them). Move *Show after
+attention; clusters grow with depth. Its *decreasing* schedule merges 2r in block 1 down to 0 in the
+last (about as many in all): merging early, where there are many tokens, saves more. *EViT* (Liang et
+al., ICLR 2022) keeps the patches the CLS token attends to most at chosen blocks and fuses the rest
+into one token (or drops them). Move *Show after
 block* to watch the clusters (or kept patches) form. The numbers compare this forward with the plain one
 on the same image: FLOPs, measured time, and what survives at the output (each patch's final token
 against the plain forward's, the CLS token, and the saliency head downstream). *A free cut* drops as
@@ -46,10 +50,18 @@ tokens use the cores less well, and every block still reads its weights); the re
 work."""
 
 
+def _tome_what(params: dict) -> str:
+    if not isinstance(params["r"], tuple):
+        return f"r = {params['schedule'][0]} per block"
+    (r, slope), per_block = params["r"], params["schedule"]
+    way = "decreasing" if slope < 0 else "increasing"
+    return f"r = {r}, {way}: {per_block[0]} in block 1 → {per_block[-1]} in block {len(per_block)}"
+
+
 def stats_md(p) -> str:
     s = p.stats
     r = p.comp.params
-    what = (f"r = {r['schedule'][0]} per block" if p.comp.strategy == "tome_inside" else
+    what = (_tome_what(r) if p.comp.strategy == "tome_inside" else
             f"keep {r['keep_ratio']:.0%} at blocks {', '.join(str(b + 1) for b in r['blocks'])}"
             + (", rest fused" if r["fuse"] else ", rest dropped"))
     merge = "" if s["merge_ms"] is None else (f" · reducing {s['merge_ms']:.0f} ms "
@@ -74,7 +86,7 @@ SETTLE_PAUSE_S = 1.0  # the page draws the first answer before the forwards are 
 
 @guarded
 def settled(session, method: str, r: int, keep: float, fuse: bool, blocks: list, _block: int,
-            pause: float = SETTLE_PAUSE_S):
+            schedule: int = 0, pause: float = SETTLE_PAUSE_S):
     """[stats]: the shown run's numbers once its forward, the plain one and the free cut to its
     counts have been timed again in turns (``viz.inside.settle``). A first run shares the CPU
     with the server's own work on the request and, on a laptop, with the browser drawing the
@@ -87,7 +99,8 @@ def settled(session, method: str, r: int, keep: float, fuse: bool, blocks: list,
     if p is None or "key" not in p.extra or not priority.alone():
         return gr.skip()
     key = p.extra["key"]
-    if key != run_key(method, int(r), float(keep), tuple(sorted(int(b) for b in blocks)), bool(fuse)):
+    if key != run_key(method, int(r), float(keep), tuple(sorted(int(b) for b in blocks)), bool(fuse),
+                      int(schedule)):
         return gr.skip()  # the controls have moved on: their own answer will come
 
     def moved_on() -> bool:  # a newer setting shown, or someone else waiting: nothing more to time
@@ -110,7 +123,7 @@ def settled(session, method: str, r: int, keep: float, fuse: bool, blocks: list,
 
 @guarded
 def render(session, method: str, r: int, keep: float, fuse: bool, blocks: list, block: int,
-           with_figure: bool = True):
+           schedule: int = 0, with_figure: bool = True):
     """[overlay, stats] (+ [figure]) for one run inside the network, shown after ``block``."""
     enc = need(session)
     encoder = shared_encoder(enc.model, LIMITS.device)
@@ -122,14 +135,14 @@ def render(session, method: str, r: int, keep: float, fuse: bool, blocks: list, 
     with lone_cores():  # the forwards: every core while no one else is waiting (timed alike)
         p = inside_panel(encoder, enc, method, int(r), float(keep),
                          tuple(sorted(int(b) for b in blocks)), bool(fuse), int(block),
-                         with_figure=with_figure)
+                         with_figure=with_figure, schedule=int(schedule))
     session.panels[ID] = p
     out = [p.overlay, stats_md(p)]
     return out + [p.figure] if with_figure else out
 
 
 def shown_for(method: str) -> list:
-    """[ToMe's r slider, EViT's settings]: visible for the chosen method only."""
+    """[ToMe's settings, EViT's settings]: visible for the chosen method only."""
     return [gr.update(visible=method == "tome"), gr.update(visible=method == "prune")]
 
 
@@ -146,8 +159,11 @@ def build(w: Wiring) -> Tab:
             with gr.Column(scale=2, min_width=300):
                 method = gr.Radio(METHODS, value="tome", label="Method", elem_id="inside-method")
                 # only the chosen method's settings are shown (``shown_for``)
-                r = gr.Slider(0, 288, value=16, step=1, label="ToMe: r merged per block",
-                              elem_id="inside-r")
+                with gr.Column(elem_id="inside-tome") as tome:
+                    r = gr.Slider(0, 288, value=16, step=1, label="ToMe: r merged per block",
+                                  elem_id="inside-r")
+                    schedule = gr.Radio(SCHEDULES, value=0, label="ToMe: schedule over the blocks",
+                                        elem_id="inside-schedule")
                 with gr.Column(visible=False, elem_id="inside-evit") as evit:
                     keep = gr.Slider(0.05, 1.0, value=0.7, step=0.01, label="EViT: keep ratio per block",
                                      elem_id="inside-keep")
@@ -167,7 +183,7 @@ def build(w: Wiring) -> Tab:
         export_box(w, ID)
         api_live = gr.Button(visible=False)  # /inside_live: always answered
 
-    inputs = [w.session, method, r, keep, fuse, blocks, block]
+    inputs = [w.session, method, r, keep, fuse, blocks, block, schedule]
     live = [overlay, stats]
     full = live + [plot] + details.outputs
 
@@ -178,11 +194,11 @@ def build(w: Wiring) -> Tab:
     # ... then the forwards are timed again in turns, and the numbers line settles
     done = [w.on(r.release, everything, inputs, full, "inside", **LIVE),
             w.on(keep.release, everything, inputs, full, **LIVE)]
-    done += [w.on(ctl.input, everything, inputs, full, **LIVE) for ctl in (method, fuse, blocks)]
+    done += [w.on(ctl.input, everything, inputs, full, **LIVE) for ctl in (method, fuse, blocks, schedule)]
     for event in done:
         w.on(event.then, settled, inputs, [stats], **QUIET)
     # the settings of the method not chosen are hidden (also when an API call sets the method)
-    w.on(method.change, shown_for, [method], [r, evit], api_visibility="private", queue=False)
+    w.on(method.change, shown_for, [method], [tome, evit], api_visibility="private", queue=False)
     # the block slider only redraws a kept run: live
     w.on(api_live.click, steps.quick, inputs, live, "inside_live", **LIVE)
     steps.on_drag(w, block.input, inputs, live, steps.quick)
@@ -191,7 +207,7 @@ def build(w: Wiring) -> Tab:
     w.on(overlay.select, details.inspector.click(), [w.session], details.inspector.outputs,
          api_visibility="private", **LIVE)
 
-    def fit(enc, _method, r_value, _keep, _fuse, blocks_value, block_value):
+    def fit(enc, _method, r_value, _keep, _fuse, blocks_value, block_value, _schedule):
         n, depth = enc.num_patches, shared_encoder(enc.model, LIMITS.device).depth
         return [gr.update(maximum=n // 2, value=min(int(r_value), n // 2)),
                 gr.update(choices=[(str(b + 1), b) for b in range(depth)],

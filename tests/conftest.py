@@ -65,4 +65,4 @@ def more_args(strategy: str = "divprune", budget: int = 64) -> list:
 
 
 # The "Inside the ViT" tab's inputs: method, r, keep ratio, fuse, EViT blocks, block shown.
-INSIDE = ("tome", 16, 0.7, True, [3, 6, 9], 12)
+INSIDE = ("tome", 16, 0.7, True, [3, 6, 9], 12, 0)  # ..., block, ToMe schedule

@@ -278,11 +278,20 @@ def test_inside_tab_settles_its_speedup(page):
     page.wait_for_selector("#inside-keep", state="visible", timeout=10_000)
     assert page.locator("#inside-blocks").is_visible() and page.locator("#inside-fuse").is_visible()
     page.wait_for_selector("#inside-r", state="hidden", timeout=10_000)
+    assert not page.locator("#inside-schedule").is_visible()
     page.wait_for_function("() => document.querySelector('#inside-stats').innerText.includes('keep 70%')",
                            timeout=30_000)
     page.locator("#inside-method").get_by_text("ToMe").click()
     page.wait_for_selector("#inside-r", state="visible", timeout=10_000)
     page.wait_for_selector("#inside-keep", state="hidden", timeout=10_000)
+    # ToMe's decreasing schedule: 2r merged in block 1, down to 0 in the last
+    page.locator("#inside-schedule").get_by_text("decreasing").click()
+    page.wait_for_function("() => document.querySelector('#inside-stats').innerText.includes('decreasing: ')",
+                           timeout=30_000)
+    page.screenshot(path=str(ARTIFACTS / "inside-decreasing.png"), full_page=True)
+    page.locator("#inside-schedule").get_by_text("constant").click()
+    page.wait_for_function("() => document.querySelector('#inside-stats').innerText.includes(' per block)')",
+                           timeout=30_000)
 
 
 def test_compare_budget_changes_every_tile_and_the_table(page):

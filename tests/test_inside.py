@@ -425,6 +425,11 @@ def test_flops_follow_the_documented_formula(encoder):
 def test_bad_input_errors_name_the_allowed_range(encoder):
     with pytest.raises(ValueError, match=r"r must be between 0 and 128 for 256 patch tokens"):
         tome_forward(encoder, COFFEE, 224, r=129)
+    # ToMe's decreasing schedule starts at 2 r: the largest r is the one whose first block fits
+    with pytest.raises(ValueError, match=r"r must be between 0 and 64 for 256 patch tokens with the "
+                                         r"schedule \(r, -1\): r = 65 would merge 130 in one block"):
+        tome_forward(encoder, COFFEE, 224, r=(65, -1))
+    assert max(tome_forward(encoder, COFFEE, 224, r=(64, -1)).params["schedule"]) == 128
     with pytest.raises(ValueError, match=r"keep_ratio must be greater than 0 and at most 1"):
         prune_forward(encoder, COFFEE, 224, keep_ratio=0)
     with pytest.raises(ValueError, match=r"keep_ratio must be between 0.0 and 1.0"):

@@ -262,3 +262,34 @@ def test_the_inside_tab_settles_its_numbers_line(encoder):
     moved = time.monotonic()
     waiting.join(10)
     assert got and got[0][0] == skip and got[0][1] - moved < 1.0
+
+
+def test_the_inside_tab_runs_tomes_schedules(encoder):
+    # ToMe's paper also merges on a schedule: decreasing from 2r in block 1 to 0 (its default in
+    # the released code's (r, -1)), or increasing; the tab offers both beside the constant r
+    import gradio as gr
+
+    from compress.inside import parse_r, tome_counts
+    from tabs import inside as tab
+    from tabs import priority
+    from tabs.common import Session
+    from viz.inside import run_key
+
+    session = Session()
+    session.show(encoder.encode(Image.open("assets/chelsea.jpg"), size=224))
+    render = priority.counted(tab.render)
+    for schedule, words in ((-1, "r = 16, decreasing: 32 in block 1 → 0 in block 12"),
+                            (1, "r = 16, increasing: 0 in block 1 → 32 in block 12")):
+        _, line = render(session, "tome", 16, 0.7, True, [3, 6, 9], 12, schedule, with_figure=False)
+        assert words in line, line
+        shown = session.panels["inside"]
+        assert shown.stats["counts"] == tome_counts(256, parse_r((16, schedule), 12))
+        assert shown.extra["key"] == run_key("tome", 16, schedule=schedule) == ("tome", 16, schedule)
+    _, line = render(session, "tome", 16, 0.7, True, [3, 6, 9], 12, 0, with_figure=False)
+    assert "(r = 16 per block)" in line and session.panels["inside"].extra["key"] == ("tome", 16)
+    # 2r merged in block 1 must stay within half the tokens: the error names the largest r
+    with pytest.raises(gr.Error, match=r"r must be between 0 and 64 for 256 patch tokens with the "
+                                       r"schedule \(r, -1\)"):
+        render(session, "tome", 100, 0.7, True, [3, 6, 9], 12, -1, with_figure=False)
+    with pytest.raises(ValueError, match="schedule must be -1"):
+        run_key("tome", 16, schedule=2)

@@ -172,22 +172,27 @@ def _warm_up(encoder, method: str) -> None:
 
 
 def inside_run(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: float = 0.7,
-               blocks=EVIT_BLOCKS, fuse: bool = True) -> InsideResult:
-    """ToMe (``method="tome"``, ``r`` per block) or EViT pruning (``"prune"``) inside the encoder,
-    on the encoding's image at its size; kept with the encoding."""
+               blocks=EVIT_BLOCKS, fuse: bool = True, schedule: int = 0) -> InsideResult:
+    """ToMe (``method="tome"``, ``r`` per block, or ToMe's schedule around it: ``schedule`` -1
+    decreasing from 2 r to 0, +1 increasing, 0 constant) or EViT pruning (``"prune"``) inside
+    the encoder, on the encoding's image at its size; kept with the encoding."""
     if enc.layer != encoder.depth - 1:
         raise ValueError("compression inside the network runs the whole network: choose the last "
                          f"block (this encoding reads block {enc.layer + 1})")
-    key = run_key(method, r, keep_ratio, blocks, fuse)
+    key = run_key(method, r, keep_ratio, blocks, fuse, schedule)
     _warm_up(encoder, method)
     return _memo(enc, key, lambda: _forward(encoder, enc, key))
 
 
 def run_key(method: str, r: int = 8, keep_ratio: float = 0.7, blocks=EVIT_BLOCKS,
-            fuse: bool = True) -> tuple:
-    """What identifies a run on an encoding: ("tome", r) or ("prune", keep, blocks, fuse)."""
+            fuse: bool = True, schedule: int = 0) -> tuple:
+    """What identifies a run on an encoding: ("tome", r), ("tome", r, schedule) for ToMe's
+    rising or falling schedule, or ("prune", keep, blocks, fuse)."""
     if method == "tome":
-        return ("tome", int(r))
+        if schedule not in (-1, 0, 1):
+            raise ValueError(f"schedule must be -1 (decreasing), 0 (constant) or 1 (increasing), "
+                             f"got {schedule!r}")
+        return ("tome", int(r)) if schedule == 0 else ("tome", int(r), int(schedule))
     if method == "prune":
         return ("prune", float(keep_ratio), tuple(int(b) for b in blocks), bool(fuse))
     raise ValueError(f"method must be 'tome' or 'prune', got {method!r}")
@@ -195,7 +200,8 @@ def run_key(method: str, r: int = 8, keep_ratio: float = 0.7, blocks=EVIT_BLOCKS
 
 def _forward(encoder, enc: Encoding, key) -> InsideResult:
     if key[0] == "tome":
-        return tome_forward(encoder, enc.image, enc.size, r=key[1], keep_aspect=True)
+        r = key[1] if len(key) == 2 else (key[1], key[2])  # (r, inflection): ToMe's schedule
+        return tome_forward(encoder, enc.image, enc.size, r=r, keep_aspect=True)
     return prune_forward(encoder, enc.image, enc.size, keep_ratio=key[1], blocks=key[2],
                          fuse=key[3], keep_aspect=True)
 
@@ -226,7 +232,7 @@ def depth_plot(result: InsideResult, block: int) -> Figure:
 
 def inside_panel(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: float = 0.7,
                  blocks=EVIT_BLOCKS, fuse: bool = True, block: int | None = None,
-                 with_figure: bool = True, display: int = DEFAULT_DISPLAY) -> Panel:
+                 with_figure: bool = True, display: int = DEFAULT_DISPLAY, schedule: int = 0) -> Panel:
     """One inside-the-network run drawn after block ``block`` (default: the last).
 
     ``stats``: N, M, tokens per block, FLOPs ratio, forward ms, the plain
@@ -234,11 +240,11 @@ def inside_panel(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: fl
     so far, ``runs`` and ``plain_runs`` of them, timed in this process on the
     same number of torch threads: ``threads``), merge ms, and
     the output agreement (final patch tokens read back through the covers
-    against the plain forward's, CLS cosine).
+    against the plain forward's, CLS cosine). ``schedule``: ToMe's, as ``inside_run``.
     """
     t0 = time.perf_counter()
-    result = inside_run(encoder, enc, method, r, keep_ratio, blocks, fuse)
-    key = run_key(method, r, keep_ratio, blocks, fuse)
+    result = inside_run(encoder, enc, method, r, keep_ratio, blocks, fuse, schedule)
+    key = run_key(method, r, keep_ratio, blocks, fuse, schedule)
     speed = timing(encoder, enc, result, key)
     t1 = time.perf_counter()
     depth = len(result.covers)
