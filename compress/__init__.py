@@ -25,6 +25,7 @@ from .images import ImageError, load_image
 from .inside import (
     InsideResult,
     keep_for_budget,
+    largest_r,
     output_agreement,
     plain_forward,
     prune_forward,
@@ -90,6 +91,7 @@ __all__ = [
     "fidelity",
     "load_image",
     "keep_for_budget",
+    "largest_r",
     "kmeans",
     "resample",
     "summary",

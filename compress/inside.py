@@ -677,8 +677,7 @@ def tome_forward(encoder, image, size: int = 336, r=8, keep_aspect: bool = False
         if max(schedule) <= n // 2:
             return
         if isinstance(r, tuple):  # a schedule: name the largest r whose blocks all stay within the cap
-            top = max((b for b in range(n // 2, -1, -1) if max(parse_r((b, r[1]), depth)) <= n // 2),
-                      default=0)
+            top = largest_r(n, depth, r[1])
             raise ValueError(
                 f"r must be between 0 and {top} for {n} patch tokens with the schedule (r, {r[1]:g}): "
                 f"r = {r[0]} would merge {max(schedule)} in one block, and ToMe merges at most half "
@@ -787,6 +786,17 @@ def _num_patches(num_patches) -> int:
 
 def _depth(depth) -> int:
     return check_int("depth", getattr(depth, "depth", depth), 1)
+
+
+def largest_r(num_patches, depth, inflection: float = 0.0) -> int:
+    """The largest r that ``tome_forward`` takes for ``num_patches`` (N or a grid): N // 2 for a
+    constant r; for ToMe's schedule (r, ``inflection``) the largest whose every block's r is at
+    most N // 2 (the decreasing schedule's first block merges 2 r: about N // 4)."""
+    n, depth = _num_patches(num_patches), _depth(depth)
+    if inflection == 0:
+        return n // 2
+    return max((r for r in range(n // 2, -1, -1) if max(parse_r((r, inflection), depth)) <= n // 2),
+               default=0)
 
 
 def r_for_budget(num_patches, budget: int, depth) -> int:

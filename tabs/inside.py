@@ -7,7 +7,7 @@ import time
 import gradio as gr
 
 from compress.cache import shared_encoder
-from compress.inside import EVIT_BLOCKS
+from compress.inside import EVIT_BLOCKS, largest_r
 from viz.inside import inside_panel, run_key, settle, timing
 
 from . import priority
@@ -141,6 +141,14 @@ def render(session, method: str, r: int, keep: float, fuse: bool, blocks: list, 
     return out + [p.figure] if with_figure else out
 
 
+@guarded
+def fit_r(session, r: int, schedule: int):
+    """r's slider for the chosen schedule: its range the largest r allowed, its value within it."""
+    enc = need(session)
+    top = largest_r(enc.num_patches, shared_encoder(enc.model, LIMITS.device).depth, int(schedule))
+    return gr.update(maximum=top, value=min(int(r), top))
+
+
 def shown_for(method: str) -> list:
     """[ToMe's settings, EViT's settings]: visible for the chosen method only."""
     return [gr.update(visible=method == "tome"), gr.update(visible=method == "prune")]
@@ -194,7 +202,10 @@ def build(w: Wiring) -> Tab:
     # ... then the forwards are timed again in turns, and the numbers line settles
     done = [w.on(r.release, everything, inputs, full, "inside", **LIVE),
             w.on(keep.release, everything, inputs, full, **LIVE)]
-    done += [w.on(ctl.input, everything, inputs, full, **LIVE) for ctl in (method, fuse, blocks, schedule)]
+    done += [w.on(ctl.input, everything, inputs, full, **LIVE) for ctl in (method, fuse, blocks)]
+    # a schedule's first (or last) block merges 2r: r's range follows the schedule, then it runs
+    fitted = w.on(schedule.input, fit_r, [w.session, r, schedule], [r], **LIVE)
+    done.append(w.on(fitted.then, everything, inputs, full, **LIVE))
     for event in done:
         w.on(event.then, settled, inputs, [stats], **QUIET)
     # the settings of the method not chosen are hidden (also when an API call sets the method)
@@ -207,9 +218,10 @@ def build(w: Wiring) -> Tab:
     w.on(overlay.select, details.inspector.click(), [w.session], details.inspector.outputs,
          api_visibility="private", **LIVE)
 
-    def fit(enc, _method, r_value, _keep, _fuse, blocks_value, block_value, _schedule):
+    def fit(enc, _method, r_value, _keep, _fuse, blocks_value, block_value, schedule_value):
         n, depth = enc.num_patches, shared_encoder(enc.model, LIMITS.device).depth
-        return [gr.update(maximum=n // 2, value=min(int(r_value), n // 2)),
+        top = largest_r(n, depth, int(schedule_value))
+        return [gr.update(maximum=top, value=min(int(r_value), top)),
                 gr.update(choices=[(str(b + 1), b) for b in range(depth)],
                           value=[b for b in blocks_value if b < depth]),
                 gr.update(maximum=depth, value=min(int(block_value), depth))]

@@ -19,6 +19,7 @@ from compress.inside import (
     forward_flops,
     keep_for_budget,
     keep_where,
+    largest_r,
     merge_on_keys,
     merge_where,
     output_agreement,
@@ -430,6 +431,8 @@ def test_bad_input_errors_name_the_allowed_range(encoder):
                                          r"schedule \(r, -1\): r = 65 would merge 130 in one block"):
         tome_forward(encoder, COFFEE, 224, r=(65, -1))
     assert max(tome_forward(encoder, COFFEE, 224, r=(64, -1)).params["schedule"]) == 128
+    assert largest_r(256, 12) == 128 and largest_r((16, 16), encoder, -1) == 64  # 2 * 64 = 128
+    assert largest_r(576, 12, 1) == 144 and max(parse_r((144, 1), 12)) == 288 < max(parse_r((145, 1), 12))
     with pytest.raises(ValueError, match=r"keep_ratio must be greater than 0 and at most 1"):
         prune_forward(encoder, COFFEE, 224, keep_ratio=0)
     with pytest.raises(ValueError, match=r"keep_ratio must be between 0.0 and 1.0"):

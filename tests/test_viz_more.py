@@ -293,3 +293,6 @@ def test_the_inside_tab_runs_tomes_schedules(encoder):
         render(session, "tome", 100, 0.7, True, [3, 6, 9], 12, -1, with_figure=False)
     with pytest.raises(ValueError, match="schedule must be -1"):
         run_key("tome", 16, schedule=2)
+    # choosing a schedule first fits r's slider to it: at most 64 here, where 128 is for a constant r
+    assert tab.fit_r(session, 100, -1) == gr.update(maximum=64, value=64)
+    assert tab.fit_r(session, 40, 0) == gr.update(maximum=128, value=40)
