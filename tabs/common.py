@@ -195,7 +195,7 @@ EXPORT_ROOT = Path(tempfile.gettempdir()) / f"tce-exports-{os.getpid()}"
 EXPORT_TTL_S = 600
 
 
-def _export_folder() -> Path:
+def export_folder() -> Path:
     """A fresh folder under one per-process export root; folders older than 10 min are removed.
 
     Gradio copies returned files into its own (self-cleaning) cache, so these
@@ -380,7 +380,7 @@ def do_export(session, tab: str):
     if p is None:
         raise gr.Error("Nothing to export yet.")
     complete(enc, p)  # the numbers a dragged slider left for its release
-    folder = _export_folder()
+    folder = export_folder()
     png = folder / f"{tab}-overlay.png"
     p.overlay.save(png)
     js = folder / f"{tab}-result.json"

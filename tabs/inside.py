@@ -8,7 +8,7 @@ import gradio as gr
 
 from compress.cache import shared_encoder
 from compress.inside import EVIT_BLOCKS, largest_r
-from viz.inside import inside_panel, run_key, settle, timing
+from viz.inside import depth_animation, inside_panel, run_key, settle, timing
 
 from . import priority
 from .common import (
@@ -20,6 +20,7 @@ from .common import (
     Tab,
     Wiring,
     export_box,
+    export_folder,
     guarded,
     need,
     runs_label,
@@ -149,6 +150,18 @@ def fit_r(session, r: int, schedule: int):
     return gr.update(maximum=top, value=min(int(r), top))
 
 
+@guarded
+def animate(session) -> str:
+    """The shown run's tokens after every block as an animated GIF (a file for the page)."""
+    enc = need(session)
+    p = session.panels.get(ID)
+    if p is None or "result" not in p.extra:
+        raise gr.Error("Nothing to animate yet: the tab shows no run.")
+    path = export_folder() / f"inside-{p.comp.strategy}-blocks.gif"
+    depth_animation(p.extra["result"], enc, path)
+    return str(path)
+
+
 def shown_for(method: str) -> list:
     """[ToMe's settings, EViT's settings]: visible for the chosen method only."""
     return [gr.update(visible=method == "tome"), gr.update(visible=method == "prune")]
@@ -187,6 +200,10 @@ def build(w: Wiring) -> Tab:
                 details.numbers()
                 details.inspect()
         plot = gr.Plot(label="Tokens per block", elem_id="inside-plot")
+        with gr.Accordion("Animate: the tokens after every block, as a GIF", open=False):
+            play = gr.Button("Make the animation", size="sm", elem_id="inside-animate")
+            movie = gr.Image(label="Blocks 1 to the last, looping", type="filepath", interactive=False,
+                             height=OVERLAY_H, elem_id="inside-animation")
         gr.Markdown(TEXT)
         export_box(w, ID)
         api_live = gr.Button(visible=False)  # /inside_live: always answered
@@ -210,6 +227,7 @@ def build(w: Wiring) -> Tab:
         w.on(event.then, settled, inputs, [stats], **QUIET)
     # the settings of the method not chosen are hidden (also when an API call sets the method)
     w.on(method.change, shown_for, [method], [tome, evit], api_visibility="private", queue=False)
+    w.on(play.click, animate, [w.session], [movie], "inside_animation", **LIVE)
     # the block slider only redraws a kept run: live
     w.on(api_live.click, steps.quick, inputs, live, "inside_live", **LIVE)
     steps.on_drag(w, block.input, inputs, live, steps.quick)

@@ -289,6 +289,11 @@ def test_inside_tab_settles_its_speedup(page):
     page.wait_for_function("() => document.querySelector('#inside-stats').innerText.includes('decreasing: ')",
                            timeout=30_000)
     page.screenshot(path=str(ARTIFACTS / "inside-decreasing.png"), full_page=True)
+    # the same run, every block, as a looping GIF for a slide
+    page.get_by_text("Animate: the tokens after every block").click()
+    page.locator("#inside-animate").click()
+    page.wait_for_function("() => /\\.gif/.test(document.querySelector('#inside-animation img')?.src || '')",
+                           timeout=30_000)
     page.locator("#inside-schedule").get_by_text("constant").click()
     page.wait_for_function("() => document.querySelector('#inside-stats').innerText.includes(' per block)')",
                            timeout=30_000)

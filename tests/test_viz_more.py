@@ -296,3 +296,48 @@ def test_the_inside_tab_runs_tomes_schedules(encoder):
     # choosing a schedule first fits r's slider to it: at most 64 here, where 128 is for a constant r
     assert tab.fit_r(session, 100, -1) == gr.update(maximum=64, value=64)
     assert tab.fit_r(session, 40, 0) == gr.update(maximum=128, value=40)
+
+
+def test_the_depth_animation_plays_every_block(encoder, tmp_path):
+    # For a slide or a projector: the block slider's pictures, one GIF frame per block, looping
+    import numpy as np
+
+    from viz.inside import FRAME_MS, depth_animation, inside_run
+
+    enc = encoder.encode(Image.open("assets/astronaut.jpg"), size=224)
+    result = inside_run(encoder, enc, "tome", r=16)
+    path = tmp_path / "blocks.gif"
+    depth_animation(result, enc, path, display=224)
+    gif = Image.open(path)
+    assert gif.format == "GIF" and gif.n_frames == 12 and gif.info["loop"] == 0
+    frames, durations = [], []
+    for i in range(gif.n_frames):
+        gif.seek(i)
+        frames.append(np.asarray(gif.convert("RGB"), dtype=np.int16))
+        durations.append(gif.info["duration"])
+    assert durations == [FRAME_MS] * 11 + [3 * FRAME_MS]  # the last block is held
+    assert gif.size[0] == 224 and gif.size[1] > 224  # the picture, then its caption bar
+    picture = slice(0, 224)
+    # clusters grow: fewer borders (white) after the last block than after the first
+    white = [int((f[picture] >= 235).all(axis=-1).sum()) for f in frames]
+    assert white[-1] < white[0], white
+    assert not np.array_equal(frames[0][224:], frames[-1][224:])  # captions name their block
+    other = encoder.encode(Image.open("assets/astronaut.jpg"), size=112)
+    with pytest.raises(ValueError, match="same image at the same size"):
+        depth_animation(result, other, tmp_path / "x.gif")
+
+
+def test_the_inside_tab_animates_the_shown_run(encoder):
+    import gradio as gr
+
+    from tabs import inside as tab
+    from tabs import priority
+    from tabs.common import Session
+
+    session = Session()
+    session.show(encoder.encode(Image.open("assets/chelsea.jpg"), size=224))
+    with pytest.raises(gr.Error, match="Nothing to animate yet"):
+        tab.animate(session)
+    priority.counted(tab.render)(session, "prune", 16, 0.5, True, [3, 6, 9], 12, 0, with_figure=False)
+    path = tab.animate(session)
+    assert path.endswith(".gif") and Image.open(path).n_frames == 12

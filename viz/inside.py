@@ -230,6 +230,39 @@ def depth_plot(result: InsideResult, block: int) -> Figure:
     return fig
 
 
+FRAME_MS = 700  # one block's frame in ``depth_animation``; the last is held three times as long
+
+
+def depth_animation(result: InsideResult, enc: Encoding, path, display: int = DEFAULT_DISPLAY,
+                    frame_ms: int = FRAME_MS) -> None:
+    """The tokens after every block, one frame per block, as an animated GIF at ``path``: the
+    growth of ToMe's clusters across depth (or EViT's kept patches thinning), the picture the
+    block slider shows, played for a slide or a projector. Each frame is captioned with its
+    block and token count; the animation loops, holding the last block."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    if result.grid != enc.grid:
+        raise ValueError("the run and the encoding must be the same image at the same size")
+    frames = []
+    for block, labels in enumerate(result.covers, 1):
+        picture = cluster_overlay(enc.image, enc.grid, labels.cpu().numpy(), display=display)
+        bar = max(18, picture.height // 16)
+        frame = Image.new("RGB", (picture.width, picture.height + bar), (255, 255, 255))
+        frame.paste(picture, (0, 0))
+        draw = ImageDraw.Draw(frame)
+        font = ImageFont.load_default(size=int(bar * 0.7))
+        draw.text((6, picture.height + bar // 2), f"after block {block} of {len(result.covers)}: "
+                  f"{result.counts[block]} tokens", fill=(20, 20, 20), font=font, anchor="lm")
+        frames.append(frame)
+    # one palette for all frames, from the first (the most detail): 0.14 s where a palette per
+    # frame took 1.4 s, and a third of the bytes
+    palette = frames[0].quantize(colors=255, method=Image.Quantize.FASTOCTREE)
+    frames = [f.quantize(palette=palette, dither=Image.Dither.NONE) for f in frames]
+    durations = [frame_ms] * (len(frames) - 1) + [frame_ms * 3]
+    frames[0].save(path, format="GIF", save_all=True, append_images=frames[1:], duration=durations,
+                   loop=0)
+
+
 def inside_panel(encoder, enc: Encoding, method: str, r: int = 8, keep_ratio: float = 0.7,
                  blocks=EVIT_BLOCKS, fuse: bool = True, block: int | None = None,
                  with_figure: bool = True, display: int = DEFAULT_DISPLAY, schedule: int = 0) -> Panel:
