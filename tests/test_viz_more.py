@@ -341,3 +341,36 @@ def test_the_inside_tab_animates_the_shown_run(encoder):
     priority.counted(tab.render)(session, "prune", 16, 0.5, True, [3, 6, 9], 12, 0, with_figure=False)
     path = tab.animate(session)
     assert path.endswith(".gif") and Image.open(path).n_frames == 12
+
+
+def test_compare_shows_its_table_first_and_settles_the_inside_rows_after(encoder, monkeypatch):
+    # Compare's release: the table with the task column and the inside rows' first runs at once;
+    # the inside rows timed again in turns with their free cut in a step of their own after it
+    # (it cost ~0.3 s more before the table came), for a person alone on the server only
+    import gradio as gr
+
+    from tabs import compare as tab
+    from tabs import priority
+    from tabs.common import Session
+    from viz.panels import task_column
+
+    session = Session()
+    session.show(encoder.encode(Image.open("assets/rocket.jpg"), size=224))
+    heads = []
+    monkeypatch.setattr(tab, "task_column", lambda *a: heads.append(1) or task_column(*a))
+    priority.counted(tab.render)(session, 32)
+    table, note, claims = priority.counted(tab.slower)(session, 32)
+    inside = [r for r in table["data"] if "inside the ViT" in r[0]]
+    assert len(inside) == 2 and not any("free cut" in r[-1] for r in inside)
+    assert "one run" in note and "| the task |" in claims
+    with monkeypatch.context() as busy:  # someone else is waiting: nothing runs
+        busy.setattr(priority, "alone", lambda: False)
+        assert priority.counted(tab.settled_rows)(session, 32, pause=0) == [gr.skip()] * 2
+    table2, note2 = priority.counted(tab.settled_rows)(session, 32, pause=0)
+    assert all(re.search(r"FLOPs \d+%; free cut [\d.]+x\)$", r[-1])
+               for r in table2["data"] if "inside the ViT" in r[0])
+    assert re.search(r"best of 2 and \d+ runs", note2), note2
+    posthoc = [r for r in table["data"] if "inside" not in r[0]]
+    assert posthoc == [r for r in table2["data"] if "inside" not in r[0]]
+    assert len(heads) == 2  # the head ran once on the post-hoc rows and once on the inside ones
+    assert priority.counted(tab.settled_rows)(session, 40, pause=0) == [gr.skip()] * 2  # moved on
