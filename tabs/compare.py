@@ -42,7 +42,8 @@ the floor every method must beat. The strategies above run after the network (po
 inside it; ToMe and EViT *inside the ViT* run in its blocks at the same final M, and their speedup is
 measured against the plain forward on this machine. Beside it, once the numbers settle: the *free cut*,
 the same forward cut to the same token counts for nothing (the last tokens dropped, no matching): the
-most any method with those counts can gain here."""
+most any method with those counts can gain here (a method a few % above it is as fast: that is the
+machine's noise)."""
 
 
 def claims_md(enc) -> str:
