@@ -106,6 +106,21 @@ def settled_rows(session, budget: int, pause: float = SETTLE_PAUSE_S):
     return _answer(session, budget, settled=True)[:2]
 
 
+@guarded
+def after_curves(session, budget: int):
+    """[table, note]: the inside rows settled once the image's curves job has finished, if they
+    were shown unsettled (the job takes a core: while it runs no one is alone on the server, so
+    a table shown then keeps its first runs; opening the tab starts the job). Skipped at once
+    otherwise: it follows every tick of the curves' timer."""
+    p = session.panels.get(ID) if session is not None and session.enc is not None else None
+    job = session.enc.memo.get("curves_job") if p is not None else None
+    if (p is None or p.extra.get("settled") or "task" not in p.extra or job is None
+            or not job.finished or p.stats["budget"] != min(int(budget), session.enc.num_patches)
+            or not priority.alone()):
+        return [gr.skip()] * 2
+    return _answer(session, budget, settled=True)[:2]
+
+
 def _answer(session, budget: int, settled: bool) -> list:
     """[table, note, claims]; the inside rows settled (``inside_at_budget(settled=True)``) when
     ``settled`` and this person is alone on the server. The head's task column is computed
@@ -127,9 +142,11 @@ def _answer(session, budget: int, settled: bool) -> list:
         if "rows" not in known:
             known["rows"] = task_column(enc, p.extra["comps"])
         task, reason = dict(known["rows"][0]), known["rows"][1]
+        settling = settled and priority.alone()  # not at others' cost
         try:
             inside = inside_at_budget(shared_encoder(enc.model, LIMITS.device), enc, budget,
-                                      settled=settled and priority.alone())  # not at others' cost
+                                      settled=settling)
+            p.extra["settled"] = p.extra.get("settled") or settling
         except ValueError as exc:
             extra_note = f" · inside the network: n/a ({exc})"
         if inside:
@@ -253,7 +270,10 @@ def build(w: Wiring) -> Tab:
     w.on(released.then, settled_rows, [w.session, budget], [table, note], **QUIET)
     w.on(api_full.click, everything, [w.session, budget], slow, "compare", **LIVE)
     w.on(released.then, curve, [w.session, budget], curves, **QUIET)
-    w.on(timer.tick, poll, [w.session, budget], curves, api_visibility="private", **NO_TARGETS)
+    ticked = w.on(timer.tick, poll, [w.session, budget], curves, api_visibility="private", **NO_TARGETS)
+    # (its own queue, as the timer's: a tick's check must not wait behind everyone's live steps)
+    w.on(ticked.then, after_curves, [w.session, budget], [table, note], api_visibility="undocumented",
+         **NO_TARGETS)
 
     def fit(enc, budget):
         n = enc.num_patches

@@ -374,3 +374,19 @@ def test_compare_shows_its_table_first_and_settles_the_inside_rows_after(encoder
     assert posthoc == [r for r in table2["data"] if "inside" not in r[0]]
     assert len(heads) == 2  # the head ran once on the post-hoc rows and once on the inside ones
     assert priority.counted(tab.settled_rows)(session, 40, pause=0) == [gr.skip()] * 2  # moved on
+    # opened while the image's curves job ran (no one alone then): the rows settle when it ends
+    from tabs.jobs import Job
+
+    priority.counted(tab.render)(session, 48)
+    with monkeypatch.context() as busy:
+        busy.setattr(priority, "alone", lambda: False)
+        table, _, _ = priority.counted(tab.slower)(session, 48)
+    after = priority.counted(tab.after_curves)
+    assert after(session, 48) == [gr.skip()] * 2  # no curves job: nothing to wait for
+    job = session.enc.memo["curves_job"] = Job("curves_job", lambda progress: None)
+    assert after(session, 48) == [gr.skip()] * 2  # still running
+    job.started_at, job.finished_at = 0.0, 1.0
+    job.event.set()
+    table, note = after(session, 48)
+    assert all("free cut" in r[-1] for r in table["data"] if "inside the ViT" in r[0]), table
+    assert after(session, 48) == [gr.skip()] * 2  # settled: later ticks do nothing
