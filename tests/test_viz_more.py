@@ -132,10 +132,10 @@ def test_a_speedup_reads_the_best_of_runs_timed_in_turns(encoder):
     assert timing(encoder, enc, result, key)["speedup"] < 0.01
     from compress.threads import torch_threads
 
-    with torch_threads(result.threads + 1):  # another count: its times would not compare
-        assert not settle(encoder, enc, key)
-    assert len(_samples(enc, result.threads, key)) == 1
-    assert settle(encoder, enc, key)  # one more of each, in turns
+    with torch_threads(result.threads + 1):  # called on another count: timed on the run's own
+        assert settle(encoder, enc, key)  # one more of each, in turns
+        assert torch.get_num_threads() == result.threads + 1  # the caller's count is left alone
+    assert _samples(enc, result.threads + 1, key) == []  # (times on another count would not compare)
     t = timing(encoder, enc, result, key)
     assert t["runs"] == 2 and t["plain_runs"] == 4 and t["forward_ms"] < 1e6
     assert 0.5 < t["speedup"] < 3 and t["speedup"] == t["plain_ms"] / t["forward_ms"]

@@ -110,16 +110,20 @@ def settle(encoder, enc: Encoding, key, with_cut: bool = False,
     """Time run ``key`` (kept with the encoding) once more and the plain forward once more
     (until it has ``PLAIN_MAX_RUNS`` runs: then its best is settled too), in turns, until the
     run has ``SETTLED_RUNS`` times; with ``with_cut`` the free cut to the run's counts too
-    (``SETTLED_RUNS`` times, in the same turns). True if it ran anything. Only on the thread
-    count the run was timed at: a caller on another count (the app gives a request one thread
-    while others wait) would time forwards that do not compare, so nothing runs. ``stop()``,
-    asked before each forward, ends it early (the times so far are kept). What the app does
-    after showing a new setting's first numbers."""
-    import torch
-
+    (``SETTLED_RUNS`` times, in the same turns). True if it ran anything. Always on the thread
+    count the run was first timed at, whatever the caller's (the app gives a request one
+    thread while others wait, and every core to a person alone): times on another count would
+    not compare with the first. ``stop()``, asked before each forward, ends it early (the
+    times so far are kept). What the app does after showing a new setting's first numbers."""
     result = enc.memo.get("inside_runs", {}).get(key)
-    if result is None or torch.get_num_threads() != result.threads:
+    if result is None:
         return False
+    with torch_threads(result.threads):
+        return _settle(encoder, enc, key, result, with_cut, stop)
+
+
+def _settle(encoder, enc: Encoding, key, result: InsideResult, with_cut: bool,
+            stop: Callable[[], bool] | None) -> bool:
     kept = _samples(enc, result.threads, key)
     cut = _samples(enc, result.threads, _cut_key(key)) if with_cut else []
     cuts_due = SETTLED_RUNS if with_cut else 0
