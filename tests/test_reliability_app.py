@@ -159,6 +159,11 @@ def test_binds_loopback_by_default(monkeypatch):
     monkeypatch.setattr(app.torch, "set_num_threads", lambda n: seen.update(threads=n))
     monkeypatch.delenv("GRADIO_SERVER_NAME", raising=False)
     monkeypatch.delenv("TCE_THREADS", raising=False)
+    from tabs import priority
+
+    # main() configures the thread policy for the process: restored after, or a later test of
+    # the library without the app (tests/test_priority.py) finds it set
+    monkeypatch.setattr(priority, "_base", priority._base)
     import gc
 
     try:
