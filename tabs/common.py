@@ -123,11 +123,12 @@ def threads_label(n: int) -> str:
     return f"{n} thread" + ("s" if n != 1 else "")
 
 
-def runs_label(s: dict) -> str:
-    """How a speed-up's times were taken (``viz.inside.timing``): "one run" (a first answer) or
-    "best of 2 and 5 runs" (the setting's forward, then the plain one)."""
+def runs_label(s: dict, again: bool = False) -> str:
+    """How a speed-up's times were taken (``viz.inside.timing``): "one run" (a first answer;
+    with ``again``: "one run, timing again…", the forwards are about to run again) or "best
+    of 2 and 5 runs" (the setting's forward, then the plain one)."""
     if s["runs"] <= 1:
-        return "one run"
+        return "one run, timing again…" if again else "one run"
     return f"best of {s['runs']} and {s['plain_runs']} runs"
 
 

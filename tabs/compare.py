@@ -166,8 +166,10 @@ def _answer(session, budget: int, settled: bool) -> list:
             + extra_note)
     if inside:
         first = next(iter(inside.values()))
-        note += (f" · inside rows: ms is the whole forward ({runs_label(first)}; the plain forward: "
-                 f"{first['plain_ms']:.0f} ms, {threads_label(first['threads'])})")
+        job = enc.memo.get("curves_job")  # running: the rows settle when it ends (after_curves)
+        again = not settling and (priority.alone() or (job is not None and not job.finished))
+        note += (f" · inside rows: ms is the whole forward ({runs_label(first, again)}; the plain "
+                 f"forward: {first['plain_ms']:.0f} ms, {threads_label(first['threads'])})")
     if session.panels[ID].stats["budget"] != budget:  # moved while these seconds ran: stale
         return [gr.skip()] * 3
     return [{"headers": COLUMNS, "data": rows}, note, claims_md(enc)]

@@ -59,7 +59,8 @@ def _tome_what(params: dict) -> str:
     return f"r = {r}, {way}: {per_block[0]} in block 1 → {per_block[-1]} in block {len(per_block)}"
 
 
-def stats_md(p) -> str:
+def stats_md(p, again: bool = False) -> str:
+    """The numbers line; ``again``: a first run's numbers that the settle step will time again."""
     s = p.stats
     r = p.comp.params
     what = (_tome_what(r) if p.comp.strategy == "tome_inside" else
@@ -78,7 +79,8 @@ def stats_md(p) -> str:
     return (f"### {s['N']} → {s['M']} tokens at the output ({what})\n"
             f"after block {s['block']}: {s['tokens_at_block']} tokens · FLOPs **{s['flops_ratio']:.0%}** "
             f"of the plain forward · forward {s['forward_ms']:.0f} ms vs plain {s['plain_ms']:.0f} ms "
-            f"({threads_label(s['threads'])}, {runs_label(s)}): **{s['speedup']:.2f}x**{cut}{merge}  \n"
+            f"({threads_label(s['threads'])}, {runs_label(s, again)}): **{s['speedup']:.2f}x**"
+            f"{cut}{merge}  \n"
             f"what survives: final patch tokens cos **{s['patch_cosine']:.4f}**{dropped}{cls}")
 
 
@@ -138,7 +140,7 @@ def render(session, method: str, r: int, keep: float, fuse: bool, blocks: list, 
                          tuple(sorted(int(b) for b in blocks)), bool(fuse), int(block),
                          with_figure=with_figure, schedule=int(schedule))
     session.panels[ID] = p
-    out = [p.overlay, stats_md(p)]
+    out = [p.overlay, stats_md(p, again=priority.alone())]  # alone: ``settled`` follows
     return out + [p.figure] if with_figure else out
 
 

@@ -228,7 +228,7 @@ def test_the_inside_tab_settles_its_numbers_line(encoder):
     args = ("tome", 12, 0.7, True, [3, 6, 9], 12)
     # as the app wires them: each a request of the session (its thread count follows from that)
     overlay, line = priority.counted(tab.render)(session, *args, with_figure=False)
-    assert "one run" in line
+    assert "one run, timing again…" in line  # alone: the settle step follows, the line says so
     settled_step = priority.counted(tab.settled)
     assert "free cut" not in line  # timed only when the numbers settle
     settled = settled_step(session, *args)
@@ -362,10 +362,12 @@ def test_compare_shows_its_table_first_and_settles_the_inside_rows_after(encoder
     table, note, claims = priority.counted(tab.slower)(session, 32)
     inside = [r for r in table["data"] if "inside the ViT" in r[0]]
     assert len(inside) == 2 and not any("free cut" in r[-1] for r in inside)
-    assert "one run" in note and "| the task |" in claims
+    assert "one run, timing again…" in note and "| the task |" in claims
     with monkeypatch.context() as busy:  # someone else is waiting: nothing runs
         busy.setattr(priority, "alone", lambda: False)
         assert priority.counted(tab.settled_rows)(session, 32, pause=0) == [gr.skip()] * 2
+        _, busy_note, _ = priority.counted(tab.slower)(session, 32)
+        assert "(one run;" in busy_note  # no step will time them again: no promise
     table2, note2 = priority.counted(tab.settled_rows)(session, 32, pause=0)
     assert all(re.search(r"FLOPs \d+%; free cut [\d.]+x\)$", r[-1])
                for r in table2["data"] if "inside the ViT" in r[0])
