@@ -123,6 +123,18 @@ def threads_label(n: int) -> str:
     return f"{n} thread" + ("s" if n != 1 else "")
 
 
+def pause_unless(seconds: float, moved_on: Callable[[], bool]) -> bool:
+    """Wait ``seconds`` (the page draws an answer before its forwards are timed again); False
+    as soon as ``moved_on()`` says the wait is pointless (a newer setting shown, someone else
+    waiting: asked every 50 ms and once more at the end), True after a quiet wait."""
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        time.sleep(min(0.05, max(end - time.monotonic(), 0)))
+        if moved_on():
+            return False
+    return not moved_on()
+
+
 def runs_label(s: dict, again: bool = False) -> str:
     """How a speed-up's times were taken (``viz.inside.timing``): "one run" (a first answer;
     with ``again``: "one run, timing again…", the forwards are about to run again) or "best

@@ -10,8 +10,6 @@ strategy) are computed once per image by a background job; a timer polls it.
 
 from __future__ import annotations
 
-import time
-
 import gradio as gr
 
 from compress import STRATEGIES
@@ -24,7 +22,18 @@ from viz.inside import inside_at_budget
 from viz.panels import compare_panel, seed_claims, task_column
 
 from . import priority
-from .common import LIVE, NO_TARGETS, QUIET, Tab, Wiring, guarded, need, runs_label, threads_label
+from .common import (
+    LIVE,
+    NO_TARGETS,
+    QUIET,
+    Tab,
+    Wiring,
+    guarded,
+    need,
+    pause_unless,
+    runs_label,
+    threads_label,
+)
 from .gesture import Gesture
 from .jobs import JOBS
 from .priority import lone_cores
@@ -96,13 +105,8 @@ def settled_rows(session, budget: int, pause: float = SETTLE_PAUSE_S):
     p = session.panels.get(ID) if session is not None else None
     if p is None or p.stats["budget"] != min(int(budget), need(session).num_patches):
         return [gr.skip()] * 2
-    end = time.monotonic() + pause
-    while time.monotonic() < end:  # a newer budget shown ends the wait at once
-        time.sleep(min(0.05, max(end - time.monotonic(), 0)))
-        if session.panels.get(ID) is not p or not priority.alone():
-            return [gr.skip()] * 2
-    if not priority.alone():
-        return [gr.skip()] * 2
+    if not pause_unless(pause, lambda: session.panels.get(ID) is not p or not priority.alone()):
+        return [gr.skip()] * 2  # a newer budget shown, or someone else waiting
     return _answer(session, budget, settled=True)[:2]
 
 

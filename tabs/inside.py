@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 import gradio as gr
 
 from compress.cache import shared_encoder
@@ -23,6 +21,7 @@ from .common import (
     export_folder,
     guarded,
     need,
+    pause_unless,
     runs_label,
     threads_label,
 )
@@ -109,11 +108,8 @@ def settled(session, method: str, r: int, keep: float, fuse: bool, blocks: list,
     def moved_on() -> bool:  # a newer setting shown, or someone else waiting: nothing more to time
         return session.panels.get(ID) is not p or not priority.alone()
 
-    end = time.monotonic() + pause
-    while time.monotonic() < end:  # (a newer setting ends the wait at once: no queue slot held)
-        time.sleep(min(0.05, max(end - time.monotonic(), 0)))
-        if moved_on():
-            return gr.skip()
+    if not pause_unless(pause, moved_on):  # (a newer setting ends the wait at once)
+        return gr.skip()
     enc = need(session)
     encoder = shared_encoder(enc.model, LIMITS.device)
     result = p.extra["result"]
