@@ -334,16 +334,39 @@ class Steps:
         self.render, self.details, self.figure_kw = render, details, figure_kw
         self.gesture = Gesture(details.tab)  # drags and releases in the user's order
 
+    def show(self, session, *values, **kw) -> list:
+        """``render``, the panel it leaves marked with the values it shows (``figure`` reads them)."""
+        out = self.render(session, *values, **kw)
+        p = session.panels.get(self.details.tab) if session is not None else None
+        if p is not None:
+            p.extra["values"] = values
+        return out
+
     def quick(self, session, *values) -> list:
         """The pictures and numbers, no figure: a first picture, a released control."""
-        return self.render(session, *values, with_figure=False)
+        return self.show(session, *values, with_figure=False)
 
     def drag(self, session, *values) -> list:
         """What a slider being dragged shows: ``quick`` without fidelity (on release)."""
-        return self.render(session, *values, with_figure=False, numbers=False)
+        return self.show(session, *values, with_figure=False, numbers=False)
 
     def figure(self, session, *values):
-        return self.render(session, *values, **self.figure_kw)[-1]
+        """The figure for ``values``, a step after the picture (a release's, or the one a tab
+        draws when it opens); skipped when the tab shows another setting by now: a newer
+        release has answered and its own figure follows, and drawing this one would put the
+        older setting's figure (and, re-rendered, its panel) over it. In the Inside tab a
+        release right after the tab opened once got the opening r's plot beside its numbers."""
+        if session is None:
+            return self.render(session, *values, **self.figure_kw)[-1]
+        with self.gesture.lock(session):  # not between a release's start and its panel
+            if not self.shows(session, values):
+                return gr.skip()
+            return self.show(session, *values, **self.figure_kw)[-1]
+
+    def shows(self, session, values) -> bool:
+        """Whether the tab's panel is the one ``values`` draw (or the tab has none yet)."""
+        p = session.panels.get(self.details.tab)
+        return p is None or p.extra.get("values", values) == values
 
     def first(self, session, *values) -> list:
         """A released control: the pictures and numbers, then the model downstream."""
@@ -351,7 +374,7 @@ class Steps:
 
     def everything(self, session, *values) -> list:
         """All in one call (the named API endpoints)."""
-        return [*self.render(session, *values), *self.details.view(session)]
+        return [*self.show(session, *values), *self.details.view(session)]
 
     def later(self, session, *values) -> list:
         """After a tab is drawn: the figure and the model downstream."""

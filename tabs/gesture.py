@@ -59,6 +59,10 @@ class Gesture:
     def _moves(self, session) -> _Moves:
         return session.moves.setdefault(self.key, _Moves())  # setdefault: atomic on a dict
 
+    def lock(self, session) -> threading.Lock:
+        """The session's lock for this tab: held by every full and drag update while it runs."""
+        return self._moves(session).lock
+
     def full(self, fn: Callable, slider: int | None = None) -> Callable:
         """``fn`` as a full update (the release of the slider at ``values[slider]``, or another
         control): later-starting drags to other settings are shown after it."""

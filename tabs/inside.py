@@ -229,7 +229,7 @@ def build(w: Wiring) -> Tab:
     # the block slider only redraws a kept run: live
     w.on(api_live.click, steps.quick, inputs, live, "inside_live", **LIVE)
     steps.on_drag(w, block.input, inputs, live, steps.quick)
-    w.on(block.release, steps.gesture.full(lambda *a: render(*a), slider_of(block.release, inputs)),
+    w.on(block.release, steps.gesture.full(steps.show, slider_of(block.release, inputs)),
          inputs, live + [plot], **LIVE)
     w.on(overlay.select, details.inspector.click(), [w.session], details.inspector.outputs,
          api_visibility="private", **LIVE)
@@ -243,7 +243,10 @@ def build(w: Wiring) -> Tab:
                 gr.update(maximum=depth, value=min(int(block_value), depth))]
 
     def later(session, *values):  # a tab opened: the figure, the model downstream, the timing
-        return [*steps.later(session, *values), settled(session, *values)]
+        out = [*steps.later(session, *values), settled(session, *values)]
+        if not steps.shows(session, values):  # released meanwhile: that answer is newer than
+            return [gr.skip()] * len(out)     # this figure and saliency pair, sent after it
+        return out
 
     return Tab(ID, tab, inputs[1:], live, steps.quick, [r, blocks, block], fit,
                later=(later, inputs[1:], [plot] + details.outputs + [stats]),

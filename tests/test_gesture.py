@@ -185,3 +185,67 @@ def test_leaving_the_tome_box_unchanged_keeps_threshold_merging(coffee_enc):
     merge.render(s, "threshold", values[1], 200, values[3], with_figure=False, numbers=False)
     out = release.fn(s, "threshold", values[1], 200, values[3])
     assert out[0] == "tome" and "fidelity" in out[2]
+
+
+def test_a_figure_for_a_setting_the_tab_has_left_is_not_drawn():
+    # The figure is a step after its picture (a release's, or the one a tab draws on opening).
+    # In the Inside tab a release right after the tab opened got the opening r's plot beside
+    # its own numbers, and the opening run as its panel: the figure for values the tab no longer
+    # shows is skipped, and the panel stays the newer one.
+    from tabs.common import Details, Steps
+    from viz.panels import Panel
+
+    drawn = []
+
+    def render(session, *values, with_figure=True, numbers=True):
+        session.panels["t"] = Panel(None, None, {"values": values}, None)
+        drawn.append((values, with_figure))
+        out = [f"picture {values}", f"numbers {values}"]
+        return out + [f"figure {values}"] if with_figure else out
+
+    steps, s = Steps(render, Details("t")), Session()
+    steps.quick(s, 16)  # the tab opens at r = 16 ...
+    release = steps.gesture.full(steps.quick)
+    release(s, 21)  # ... and r = 21 is released before its figure step came
+    assert steps.figure(s, 16) == gr.skip()  # the opening r's figure: not drawn
+    assert s.panels["t"].stats["values"] == (21,) and drawn[-1] == ((21,), False)
+    assert steps.figure(s, 21) == "figure (21,)"  # the shown setting's: drawn
+    assert s.panels["t"].stats["values"] == (21,)
+
+
+def test_a_release_while_the_inside_tab_opens_is_not_overwritten_by_the_opening(encoder):
+    # The Inside tab's step after opening (its plot, the saliency pair, the settled timing)
+    # returns after the settle step's pause: a release of r during that pause answered first,
+    # and the opening step's plot for the old r then landed over it (seen in the browser)
+    import time
+
+    from PIL import Image
+
+    import app
+
+    demo = app.build()
+    ids = {b.elem_id: i for i, b in demo.blocks.items() if getattr(b, "elem_id", None)}
+    fns = list(demo.fns.values())
+    release = next(f for f in fns for t in f.targets
+                   if t == (ids["inside-r"], "release") and isinstance(f.inputs[0], gr.State))
+    opening = next(f for f in fns if getattr(f.fn, "__name__", "") == "later_open")
+    s = Session()
+    s.show(encoder.encode(Image.open("assets/chelsea.jpg"), size=224))
+    s.open_tab = "inside"
+    values = [c.value for c in release.inputs[1:]]  # method, r = 16, ... as built
+    release.fn(s, *values)  # the tab's first picture at r = 16
+    later_values = [c.value for c in opening.inputs[1:]]
+    got = {}
+    t = threading.Thread(target=lambda: got.update(out=opening.fn(s, *later_values)))
+    t.start()
+    time.sleep(0.3)  # the opening step is in its pause
+    r_at = release.inputs[1:].index(demo.blocks[ids["inside-r"]])
+    newer = list(values)
+    newer[r_at] = 21
+    answer = release.fn(s, *newer)
+    t.join(30)
+    assert "(r = 21 per block)" in answer[1]
+    inside_out = [o for o, c in zip(got["out"], opening.outputs, strict=True)
+                  if getattr(c, "elem_id", "") and c.elem_id.startswith("inside")]
+    assert inside_out and all(o == gr.skip() for o in inside_out), inside_out
+    assert s.panels["inside"].extra["values"][r_at] == 21
