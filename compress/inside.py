@@ -186,7 +186,7 @@ def _merge_compiled(x, size, src, unm, dst, p, a0, new_x, new_size):  # pragma: 
     new_size[keep:] = sb
 
 
-@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"})
+@numba.njit(cache=True, nogil=True, fastmath={"reassoc", "contract"}, error_model="numpy")
 def _unit_keys_compiled(rows, col, heads, width, p, a0, unit_a, unit_b):  # pragma: no cover
     """ToMe's matching metric from the keys: ``rows`` [P + T, *] (C order) holds head h's key of
     token i at ``rows[i, col + h * width:][:width]``; the patch-side keys summed over heads
@@ -208,22 +208,32 @@ def _unit_keys_compiled(rows, col, heads, width, p, a0, unit_a, unit_b):  # prag
             out[c] = row[c] / norm
 
 
-@numba.njit(cache=True, nogil=True)
+@numba.njit(cache=True, nogil=True, error_model="numpy")
 def _match_merge_compiled(scores, best, x, size, p, a0, r, sort_unm, new_x, new_size, new_log,
                           src, unm, dst):  # pragma: no cover
     """The rest of a block's ToMe step in one call, given the cosines ``scores`` [|A|, |B|]
     and each A token's best one, ``best`` [|A|] (row maxima): the r best edges merged (a
     stable order: ties keep position order, as torch's stable sort) into the first B token
     that reaches the maximum, the size-weighted merge (``_merge_compiled``) and the log
-    sizes the next block's proportional attention adds ([P + T - r], prefix 0)."""
-    na = scores.shape[0]
-    order = np.argsort(-best, kind="mergesort")  # ascending -cosine = descending cosine
+    sizes the next block's proportional attention adds ([P + T - r], prefix 0). A NaN
+    cosine (keys summing to zero) is ordered and matched as torch orders it: NaN is the
+    largest (its rows merge first, in position order) and a row's maximum is its first NaN."""
+    na, nb = scores.shape
+    key = -best  # ascending -cosine = descending cosine
+    for i in range(na):
+        if np.isnan(key[i]):
+            key[i] = -np.inf  # torch's descending sort puts NaN first (cosines are never +inf)
+    order = np.argsort(key, kind="mergesort")
     for j in range(r):
         i = order[j]
         src[j] = i
         at = 0
-        while scores[i, at] != best[i]:
-            at += 1
+        if np.isnan(best[i]):
+            while at < nb - 1 and not np.isnan(scores[i, at]):
+                at += 1
+        else:
+            while at < nb - 1 and scores[i, at] != best[i]:
+                at += 1
         dst[j] = at
     rest = np.sort(order[r:]) if sort_unm else order[r:]
     for j in range(na - r):

@@ -177,6 +177,26 @@ def test_compiled_step_on_keys_equals_the_torch_step(prefix, ties):
             assert out[3].shape == (prefix + t - min(r, t // 2),)
 
 
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_keys_summing_to_zero_match_as_torch_does_and_raise_nothing(prefix):
+    # ToMe divides by the key norm without an epsilon: a token whose keys sum to zero over the
+    # heads has NaN cosines. The compiled step (its loops unchecked) must neither raise nor
+    # read past a row: it orders and matches them as torch's sort and argmax do.
+    gen = torch.Generator().manual_seed(7 + prefix)
+    for t, r, zero in ((12, 4, (3,)), (12, 4, (2,)), (40, 11, (5, 8, 20)), (9, 4, (0, 1))):
+        x = torch.randn(prefix + t, 24, generator=gen)
+        size = torch.randint(1, 5, (t,), generator=gen).float()
+        keys = torch.randn(3, prefix + t, 8, generator=gen)
+        for j in zero:
+            keys[:, prefix + j] = 0.0
+        with torch.no_grad():
+            fast = merge_on_keys(x, size, keys, r, num_prefix=prefix)
+        with torch.enable_grad():
+            ref = merge_on_keys(x, size, keys, r, num_prefix=prefix)
+        assert all(torch.equal(a, b) for a, b in zip(fast[2], ref[2], strict=True)), (t, r, zero)
+        assert torch.equal(fast[0], ref[0]) and torch.equal(fast[1], ref[1])
+
+
 def test_keys_are_read_in_place_only_when_their_rows_fit_the_storage():
     from compress.inside import _key_rows
 
