@@ -26,6 +26,7 @@ import gradio as gr  # noqa: E402
 import torch  # noqa: E402
 
 from compress import BUNDLED_NAME, Encoder  # noqa: E402
+from compress.allocator import keep_freed_memory  # noqa: E402
 from compress.cache import set_precision, shared_encoder  # noqa: E402
 from compress.select import compile_kernels  # noqa: E402
 from tabs import (  # noqa: E402
@@ -138,6 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     dataset.set_roots(args.dataset_root or [])
     if args.threads < 1:
         ap.error("--threads must be at least 1")
+    # glibc hands a forward's freed activations back to the system and faults them in again on
+    # the next: 6-9 % of an encode (bench/bench_allocator.py); keep them (TCE_KEEP_FREED=0: not)
+    keep_freed_memory()
     torch.set_num_threads(args.threads)  # before any worker thread starts: they inherit it
     # ... and a person alone on the server gets every core for the heavy steps (tabs/priority.py)
     priority.configure(args.threads)

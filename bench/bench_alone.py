@@ -54,8 +54,12 @@ def inside_defaults(url: str) -> list:
     return [p["parameter_default"] for p in api["named_endpoints"]["/inside"]["parameters"]]
 
 
-SETUPS = {"lone request on every core (as shipped)": {},
-          "one thread per request (TCE_LONE_THREADS=1)": {"TCE_LONE_THREADS": "1"}}
+# the other side of the comparison (--against): its name, the server's environment, a short label
+AGAINST = {
+    "lone": ("one thread per request (TCE_LONE_THREADS=1)", {"TCE_LONE_THREADS": "1"}, "one thread"),
+    "allocator": ("glibc frees at once (TCE_KEEP_FREED=0)", {"TCE_KEEP_FREED": "0"}, "glibc frees"),
+}
+SETUPS = {"as shipped": {}, AGAINST["lone"][0]: AGAINST["lone"][1]}
 
 
 async def run(args, work: Path) -> dict:
@@ -124,7 +128,14 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[224, 336, 448])
     ap.add_argument("--pause", type=float, default=0.3, help="seconds between uploads")
     ap.add_argument("--timeout", type=float, default=120.0)
+    ap.add_argument("--against", choices=sorted(AGAINST), default="lone",
+                    help="what the shipped app is compared with: one thread for a lone request "
+                         "(lone), or glibc returning freed memory at once (allocator: "
+                         "compress/allocator.py off)")
     args = ap.parse_args()
+    name, env, short = AGAINST[args.against]
+    SETUPS.clear()
+    SETUPS.update({"as shipped": {}, name: env})
     if not 1 <= args.photos <= 30:
         raise SystemExit("--photos must be 1..30")
     work = Path(tempfile.mkdtemp(prefix="tce-upload-"))
@@ -135,12 +146,12 @@ def main() -> None:
     lone, single = list(SETUPS)
     med = statistics.median
     print(f"One user alone: upload -> first overlay, {args.photos} new photos per size then the "
-          f"same again (cached), both setups in turns")
+          f"same again (cached), both setups in turns: as shipped against {single}")
     print(f"{header()} (this process); the servers: 1 torch thread per request (--threads), "
           f"{len(os.sched_getaffinity(0))} for a lone request as shipped")
     print()
-    print("| px | photos | as shipped: median ms | one thread: median ms | speed-up | "
-          "cached, as shipped | cached, one thread |")
+    print(f"| px | photos | as shipped: median ms | {short}: median ms | speed-up | "
+          f"cached, as shipped | cached, {short} |")
     print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for size in args.sizes:
         a, b = times[lone][(size, "new")], times[single][(size, "new")]
@@ -149,7 +160,7 @@ def main() -> None:
               f"{statistics.median(b) / statistics.median(a):.2f}x | {statistics.median(ca):.0f} | "
               f"{statistics.median(cb):.0f} |")
     print()
-    print("| release, 336 px | runs | as shipped: median ms | one thread: median ms | speed-up |")
+    print(f"| release, 336 px | runs | as shipped: median ms | {short}: median ms | speed-up |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for key, label in ((("inside", None), "Inside the ViT: a new r (forward, head, plot)"),
                        (("compare", None), "Compare: a new budget (inside rows, task column)")):

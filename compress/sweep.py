@@ -349,6 +349,9 @@ class SweepActor:
 
     def __init__(self, strategies: list[str], budgets: list[int], size: int, model: str,
                  threads: int, device: str):
+        from .allocator import keep_freed_memory
+
+        keep_freed_memory()  # the actor's process is ours: its encodes stop page-faulting (allocator.py)
         torch.set_num_threads(threads)
         self.strategies, self.budgets, self.size, self.threads = strategies, budgets, size, threads
         self.encoder, self.head = _load_models(model, device)
