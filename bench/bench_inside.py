@@ -36,6 +36,7 @@ sys.path.insert(0, str(ROOT))
 
 import compress.inside as inside  # noqa: E402
 from compress import Encoder, device_label  # noqa: E402
+from compress.allocator import keep_freed_memory  # noqa: E402
 from compress.inside import (  # noqa: E402
     cut_forward,
     plain_forward,
@@ -78,6 +79,7 @@ def main() -> None:
         if args.threads != 1 or args.device != "cpu":
             ap.error("--clock cpu measures one CPU thread: use it with --threads 1 --device cpu")
         inside.TIMER = time.thread_time
+    kept = keep_freed_memory()  # as the app runs (compress/allocator.py)
     torch.set_num_threads(args.threads)
     encoder = Encoder(args.model, device=args.device, precision=args.precision)
     gpu = encoder.device.type == "cuda"
@@ -86,7 +88,8 @@ def main() -> None:
     print(f"device: {device_label(encoder.device)}; model {args.model}, precision {args.precision}; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"CPU capability {torch.backends.cpu.get_cpu_capability()}, {cpu_model()}; "
-          f"repeats {args.repeat} (median, interleaved); clock {args.clock}")
+          f"repeats {args.repeat} (median, interleaved); clock {args.clock}; "
+          f"freed memory {'kept' if kept else 'returned (glibc as it is)'}")
     print()
     print("| px | N | forward | tokens left | FLOPs ratio | ms | speedup | FLOPs speedup "
           "| speedup / FLOPs speedup | free cut: speedup / FLOPs speedup | merge share | ok |")
