@@ -139,9 +139,9 @@ def main(argv: list[str] | None = None) -> None:
     dataset.set_roots(args.dataset_root or [])
     if args.threads < 1:
         ap.error("--threads must be at least 1")
-    # glibc hands a forward's freed activations back to the system and faults them in again on
-    # the next: 6-9 % of an encode (bench/bench_allocator.py); keep them (TCE_KEEP_FREED=0: not)
-    keep_freed_memory()
+    # Freed memory is handed back to the system as glibc does: kept, every request thread's arena
+    # keeps its own peak (compress/allocator.py). TCE_KEEP_FREED=1 keeps it (a lone user's machine).
+    keep_freed_memory(default=False)
     torch.set_num_threads(args.threads)  # before any worker thread starts: they inherit it
     # ... and a person alone on the server gets every core for the heavy steps (tabs/priority.py)
     priority.configure(args.threads)

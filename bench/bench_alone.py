@@ -57,7 +57,7 @@ def inside_defaults(url: str) -> list:
 # the other side of the comparison (--against): its name, the server's environment, a short label
 AGAINST = {
     "lone": ("one thread per request (TCE_LONE_THREADS=1)", {"TCE_LONE_THREADS": "1"}, "one thread"),
-    "allocator": ("glibc frees at once (TCE_KEEP_FREED=0)", {"TCE_KEEP_FREED": "0"}, "glibc frees"),
+    "allocator": ("freed memory kept (TCE_KEEP_FREED=1)", {"TCE_KEEP_FREED": "1"}, "memory kept"),
 }
 SETUPS = {"as shipped": {}, AGAINST["lone"][0]: AGAINST["lone"][1]}
 
@@ -130,8 +130,7 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=120.0)
     ap.add_argument("--against", choices=sorted(AGAINST), default="lone",
                     help="what the shipped app is compared with: one thread for a lone request "
-                         "(lone), or glibc returning freed memory at once (allocator: "
-                         "compress/allocator.py off)")
+                         "(lone), or freed memory kept (allocator: compress/allocator.py on)")
     args = ap.parse_args()
     name, env, short = AGAINST[args.against]
     SETUPS.clear()

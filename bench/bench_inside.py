@@ -79,7 +79,7 @@ def main() -> None:
         if args.threads != 1 or args.device != "cpu":
             ap.error("--clock cpu measures one CPU thread: use it with --threads 1 --device cpu")
         inside.TIMER = time.thread_time
-    kept = keep_freed_memory()  # as the app runs (compress/allocator.py)
+    kept = keep_freed_memory()  # no page faults in the timings (compress/allocator.py)
     torch.set_num_threads(args.threads)
     encoder = Encoder(args.model, device=args.device, precision=args.precision)
     gpu = encoder.device.type == "cuda"

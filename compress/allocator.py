@@ -12,6 +12,13 @@ memory goes back to the system only when more than ``trim_threshold`` lies
 free at the top of a heap, and a worker thread's 64 MB heap is not unmapped
 when it empties (``top_pad``).
 
+Not in the app by default: there Gradio runs requests on a pool of threads,
+each with its own malloc arena, and every arena would keep its own peak; under
+sixteen sessions (``bench/load_test.py``) the server's memory grew to 2004 MiB
+and was still rising after 60 s, against 1814 MiB levelling off as glibc is,
+for no upload or slider time one person alone could measure
+(``bench/bench_alone.py --against allocator``). ``TCE_KEEP_FREED=1`` turns it on.
+
 glibc only: elsewhere (musl, macOS, Windows) nothing is changed. Setting
 either threshold by hand turns glibc's own adjustment off, so both are set.
 """
@@ -32,15 +39,18 @@ TOP_PAD = 64 << 20  # a worker thread's arena (heaps of 64 MB) then never unmaps
 _applied: bool | None = None
 
 
-def keep_freed_memory(mmap_threshold: int = MMAP_THRESHOLD, trim_threshold: int = TRIM_THRESHOLD,
-                      top_pad: int = TOP_PAD) -> bool:
-    """Ask glibc to keep freed memory (see the module text); True when both settings took.
+def keep_freed_memory(default: bool = True, mmap_threshold: int = MMAP_THRESHOLD,
+                      trim_threshold: int = TRIM_THRESHOLD, top_pad: int = TOP_PAD) -> bool:
+    """Ask glibc to keep freed memory (see the module text); True when the settings took.
 
-    Off when the environment says ``TCE_KEEP_FREED=0`` (to measure the difference). Safe to call
-    more than once; threads started later use the same settings (they are process-wide).
+    ``TCE_KEEP_FREED=1`` or ``0`` in the environment turns it on or off whatever the caller's
+    ``default`` (on for a process that encodes on one thread, as a sweep actor; off for the
+    app). Safe to call more than once; threads started later use the same settings (they are
+    process-wide).
     """
     global _applied
-    if os.environ.get("TCE_KEEP_FREED", "1") == "0":
+    flag = os.environ.get("TCE_KEEP_FREED", "")
+    if flag == "0" or (flag != "1" and not default):
         return False
     if _applied is not None:
         return _applied

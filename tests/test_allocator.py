@@ -62,3 +62,19 @@ def test_kept_memory_stops_the_encodes_faulting_pages_back_in():
     # thousands of pages on this machine); kept, nearly all of them are reused
     assert after_warm_up(plain["faults"]) > 10_000, plain["faults"]
     assert after_warm_up(kept["faults"]) * 10 < after_warm_up(plain["faults"]), (kept, plain)
+
+
+@pytest.mark.parametrize(("flag", "default", "expected"), [
+    ("", False, False),  # the app as shipped: glibc as it is (its threads' arenas would each keep a peak)
+    ("1", False, True),  # the app with TCE_KEEP_FREED=1
+    ("", True, True),  # a sweep actor, the benchmarks
+    ("0", True, False),  # ... with TCE_KEEP_FREED=0
+])
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="mallopt is glibc's (Linux)")
+def test_the_environment_decides_over_the_callers_default(flag, default, expected):
+    env = dict(os.environ, TCE_KEEP_FREED=flag, PYTHONPATH=str(ROOT))
+    code = f"from compress.allocator import keep_freed_memory; print(keep_freed_memory(default={default}))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == str(expected)
