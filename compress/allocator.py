@@ -7,7 +7,8 @@ forward allocates and frees the same few-MB activations in every block, so
 each encode keeps handing pages back and faulting them in again: 1-20
 thousand page faults per encode, 3-9 % of its time (``bench/bench_allocator.py``).
 Setting the thresholds high stops it: the pages stay mapped and are reused.
-The process's peak memory does not grow (the same blocks are reused); freed
+In a process that encodes on one thread the peak memory does not grow (the
+same blocks are reused, ``bench/bench_allocator.py`` prints it); freed
 memory goes back to the system only when more than ``trim_threshold`` lies
 free at the top of a heap, and a worker thread's 64 MB heap is not unmapped
 when it empties (``top_pad``).
