@@ -140,12 +140,16 @@ def render(session, method: str, r: int, keep: float, fuse: bool, blocks: list, 
     return out + [p.figure] if with_figure else out
 
 
-@guarded
-def fit_r(session, r: int, schedule: int):
-    """r's slider for the chosen schedule: its range the largest r allowed, its value within it."""
-    enc = need(session)
+def r_range(enc, r: int, schedule: int):
+    """r's slider for this image and schedule: its range the largest r allowed, its value within it."""
     top = largest_r(enc.num_patches, shared_encoder(enc.model, LIMITS.device).depth, int(schedule))
     return gr.update(maximum=top, value=min(int(r), top))
+
+
+@guarded
+def fit_r(session, r: int, schedule: int):
+    """r's slider when the schedule changes (``r_range``)."""
+    return r_range(need(session), r, schedule)
 
 
 @guarded
@@ -235,9 +239,8 @@ def build(w: Wiring) -> Tab:
          api_visibility="private", **LIVE)
 
     def fit(enc, _method, r_value, _keep, _fuse, blocks_value, block_value, schedule_value):
-        n, depth = enc.num_patches, shared_encoder(enc.model, LIMITS.device).depth
-        top = largest_r(n, depth, int(schedule_value))
-        return [gr.update(maximum=top, value=min(int(r_value), top)),
+        depth = shared_encoder(enc.model, LIMITS.device).depth
+        return [r_range(enc, r_value, schedule_value),
                 gr.update(choices=[(str(b + 1), b) for b in range(depth)],
                           value=[b for b in blocks_value if b < depth]),
                 gr.update(maximum=depth, value=min(int(block_value), depth))]
