@@ -33,8 +33,17 @@ def test_saliency_pair_is_two_maps_side_by_side_with_titles():
     a, b = torch.rand(20, 20), torch.rand(20, 20)
     pair = saliency_pair(grey((120, 60)), a, b, caption="CC 0.5", display=60, gap=6)
     assert pair.size == (2 * 60 + 3 * 6, 30 + CAPTION_PX + 2 * 6)
-    arr = np.asarray(pair)
-    assert arr[6 + CAPTION_PX:, 6:66].std() > 5 and arr[6 + CAPTION_PX:, 72:132].std() > 5
+    arr = np.asarray(pair).astype(int)
+    assert arr[6:36, 6:66].std() > 5 and arr[6:36, 72:132].std() > 5  # the two maps on top
+    # the titles under them (the app's image box covers a picture's top corners with its label
+    # and buttons): light text on the dark strip, none above the maps
+    def background(a):  # the share of the dark strip's colour
+        return float((np.abs(a - 24).sum(axis=-1) < 6).mean())
+
+    assert background(arr[6:36, 6:132]) < 0.1  # the top rows are the maps, no title strip
+    strip = arr[36:36 + CAPTION_PX]
+    assert background(strip) > 0.6
+    assert (strip[:, 6:66] > 200).any() and (strip[:, 72:132] > 200).any()
 
 
 def test_token_overlay_dims_the_rest_and_rings_the_patch():

@@ -34,7 +34,10 @@ def saliency_pair(image: Image.Image, original: Array, compressed: Array, captio
     """Two saliency overlays side by side -- "original tokens" | "compressed tokens" -- with captions.
 
     Each panel's longest side is ``display``; ``caption`` (e.g. the
-    agreement numbers) goes under the compressed one's title.
+    agreement numbers) follows the compressed one's title. The titles run
+    under the panels: an image box in the app lays its label over the
+    picture's top-left corner and its buttons over the top-right, which hid
+    titles drawn above the panels (the page read "CC 0" for "CC 0.999").
     """
     left = saliency_overlay(image, original, display=display)
     right = saliency_overlay(image, compressed, display=display)
@@ -44,7 +47,7 @@ def saliency_pair(image: Image.Image, original: Array, compressed: Array, captio
     f = font(14)
     for i, (title, img) in enumerate((("original tokens", left), ("compressed tokens", right))):
         x = gap + i * (w + gap)
-        out.paste(img, (x, gap + CAPTION_PX))
+        out.paste(img, (x, gap))
         text = title if i == 0 or not caption else f"{title}: {caption}"
-        draw.text((x + 4, gap + 4), text, fill=(240, 240, 240), font=f)
+        draw.text((x + 4, gap + h + 4), text, fill=(240, 240, 240), font=f)
     return out
